@@ -1,0 +1,26 @@
+"""svdadapt: SVD-initialised, weight-decomposed adapters (DuDe, EDoRA, and relatives) on one code path."""
+
+__version__ = "0.1.0"
+
+from svdadapt.config import AdapterConfig
+from svdadapt.layer import AdapterLayer, register_base_kind
+from svdadapt.methods import Factors, InitContext, methods, register_method
+from svdadapt.model import adapter_layers, apply, merge, trainable_parameters
+from svdadapt.io import export_peft, load_adapter, save_adapter
+
+__all__ = [
+    "AdapterConfig",
+    "AdapterLayer",
+    "Factors",
+    "InitContext",
+    "adapter_layers",
+    "apply",
+    "export_peft",
+    "load_adapter",
+    "merge",
+    "methods",
+    "register_base_kind",
+    "register_method",
+    "save_adapter",
+    "trainable_parameters",
+]

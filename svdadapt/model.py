@@ -1,0 +1,267 @@
+"""The model API: apply adapters to any `nn.Module`, count, merge.
+
+    model = svdadapt.apply(model, svdadapt.AdapterConfig(method="edora", r=16, target_modules=["q_proj", "v_proj"]))
+    print(svdadapt.trainable_parameters(model))
+    plain = svdadapt.merge(model)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from svdadapt.config import AdapterConfig
+from svdadapt.layer import AdapterLayer, base_kind, is_supported
+from svdadapt.methods import InitContext, get_method
+from svdadapt.svd import fingerprint
+
+CONFIG_ATTR = "svdadapt_config"
+_HEAD_NAMES = ("lm_head", "embed_out", "output_projection")
+
+
+def adapter_layers(model: nn.Module) -> list[tuple[str, AdapterLayer]]:
+    """Every `AdapterLayer` in `model`, by name (the name of the layer it wraps)."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, AdapterLayer)]
+
+
+def adapter_config(model: nn.Module) -> AdapterConfig:
+    """The config `apply` used on `model`; raises if it has no adapters."""
+    cfg = getattr(model, CONFIG_ATTR, None)
+    if cfg is None:
+        raise ValueError(f"{type(model).__name__} has no svdadapt adapters: call svdadapt.apply(model, config) first")
+    return cfg
+
+
+def _matches(name: str, suffixes) -> bool:
+    return any(name == s or name.endswith("." + s) for s in suffixes)
+
+
+def _output_heads(model: nn.Module) -> set[int]:
+    heads = set()
+    get = getattr(model, "get_output_embeddings", None)
+    if callable(get):
+        with contextlib.suppress(Exception):
+            if (emb := get()) is not None:
+                heads.add(id(emb))
+    return heads
+
+
+def find_targets(model: nn.Module, config: AdapterConfig) -> list[tuple[str, nn.Module]]:
+    """The modules `config.target_modules` selects, checked; raises if none or unsupported."""
+    tm, keep = config.target_modules, config.modules_to_save
+    heads = _output_heads(model)
+    found = []
+    for name, module in model.named_modules():
+        if not name or _matches(name, keep):
+            continue
+        if tm == "all-linear":
+            hit = is_supported(module) and id(module) not in heads and name.rsplit(".", 1)[-1] not in _HEAD_NAMES
+        elif isinstance(tm, str):
+            hit = re.fullmatch(tm, name) is not None
+        else:
+            hit = _matches(name, tm)
+        if hit:
+            if isinstance(module, AdapterLayer) or any(isinstance(m, AdapterLayer) for m in module.modules()):
+                raise ValueError(f"module {name!r} is already adapted: svdadapt.apply was called on this model before")
+            base_kind(module, name)  # raises for an unsupported type, naming the module
+            found.append((name, module))
+    # a suffix may match both a container and its leaf (e.g. "output.dense" in BERT); keep leaves
+    found = [(n, m) for n, m in found if not any(o.startswith(n + ".") for o, _ in found)]
+    if not found:
+        linear = [n for n, m in model.named_modules() if n and is_supported(m)]
+        ends = sorted({n.rsplit(".", 1)[-1] for n in linear})
+        raise ValueError(
+            f"target_modules={tm!r} matches no supported layer of {type(model).__name__}. "
+            f"Supported layers end in: {ends[:20]}; e.g. {linear[:4]}. Pass suffixes like {ends[:2]} or \"all-linear\"."
+        )
+    return found
+
+
+def _modules_to_save(model: nn.Module, names) -> list[tuple[str, nn.Module]]:
+    out = []
+    for want in names:
+        hits = [(n, m) for n, m in model.named_modules() if n and _matches(n, [want])]
+        if not hits:
+            top = [n for n, _ in model.named_children()]
+            raise ValueError(f"modules_to_save entry {want!r} matches no module; top-level modules: {top}")
+        out += hits
+    return out
+
+
+def _layer_seed(seed: int, name: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:7], "little")
+
+
+def _check_rank(name: str, module: nn.Module, r: int) -> None:
+    out_f, in_f = base_kind(module).weight(module).shape
+    if r >= min(out_f, in_f):
+        raise ValueError(
+            f"AdapterConfig.r={r} is too large for module {name!r} of shape ({out_f}, {in_f}): "
+            f"r must be below {min(out_f, in_f)}; lower r or leave this module out of target_modules"
+        )
+
+
+@contextlib.contextmanager
+def _gathered(module: nn.Module, modify: bool):
+    """Gather a ZeRO-3 partitioned module's parameters for the duration (no-op otherwise)."""
+    params = [p for p in module.parameters(recurse=True) if hasattr(p, "ds_id")]
+    if not params:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None):
+        yield
+
+
+def wrap(name: str, module: nn.Module, config: AdapterConfig) -> AdapterLayer:
+    """Construct (not initialise) the `AdapterLayer` for one base module."""
+    return AdapterLayer(
+        module, get_method(config.method), config.r, config.scaling, config.dropout, exact_norm=config.norm == "exact"
+    )
+
+
+def initialize_layer(name: str, layer: AdapterLayer, config: AdapterConfig) -> None:
+    """Compute the method's start values from the base weight and set them (SVD in float32+)."""
+    method = layer.method
+    with _gathered(layer.base_layer, modify=method.residual), torch.no_grad():
+        w = layer.weight
+        if not torch.isfinite(w).all():
+            raise ValueError(f"module {name!r}: its weight has NaN or Inf values; fix the checkpoint before adapting it")
+        key = fingerprint(w)
+        gen = torch.Generator().manual_seed(_layer_seed(config.seed, name))
+        ctx = InitContext(config, gen, key)
+        factors = method.init(w.detach().to(torch.float64 if config.svd_dtype == "float64" else torch.float32), ctx)
+        layer.base_fingerprint = key
+        layer.initialize(factors)
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def apply(model: nn.Module, config: AdapterConfig, *, progress: bool | None = None, initialize: bool = True) -> nn.Module:
+    """Wrap the layers `config` selects in `AdapterLayer`s, in place, and freeze everything else.
+
+    Everything is checked before the model changes: targets exist and are supported, r fits,
+    weights are finite. `modules_to_save` stay trainable. Returns `model`.
+
+    Args:
+        model: any `nn.Module` (HF transformers models included).
+        config: the adapter to apply.
+        progress: show a progress bar over layers; None shows one for more than 8 layers.
+        initialize: compute start values (SVD etc.); False leaves them to a later load.
+    """
+    if getattr(model, CONFIG_ATTR, None) is not None or adapter_layers(model):
+        raise ValueError(
+            f"{type(model).__name__} already has svdadapt adapters; apply once per model "
+            "(load a fresh base model, or svdadapt.merge(model) first to fold the adapter in)"
+        )
+    targets = find_targets(model, config)
+    keep = _modules_to_save(model, config.modules_to_save)
+    for name, module in targets:
+        _check_rank(name, module, config.r)
+    if initialize:
+        for name, module in targets:
+            with _gathered(module, modify=False), torch.no_grad():
+                if not torch.isfinite(base_kind(module).weight(module)).all():
+                    raise ValueError(f"module {name!r}: its weight has NaN or Inf values; fix the checkpoint before adapting it")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    show = len(targets) > 8 if progress is None else progress
+    for name, module in tqdm(targets, desc=f"svdadapt {config.method} r={config.r}", disable=not show, unit="layer"):
+        layer = wrap(name, module, config)
+        if initialize:
+            initialize_layer(name, layer, config)
+        _replace(model, name, layer)
+    for _, module in keep:
+        for p in module.parameters():
+            p.requires_grad_(True)
+    setattr(model, CONFIG_ATTR, config)
+    return model
+
+
+@dataclass
+class ParameterCount:
+    """Trainable and total parameter counts, with a per-layer breakdown."""
+
+    trainable: int
+    total: int
+    layers: list[tuple[str, str, int]] = field(default_factory=list)  # (name, what, trainable count)
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / max(self.total, 1)
+
+    def __iter__(self):  # `trainable, total = svdadapt.trainable_parameters(model)`
+        return iter((self.trainable, self.total))
+
+    def __str__(self) -> str:
+        return f"trainable params: {self.trainable:,} || all params: {self.total:,} || trainable%: {self.percent:.4f}"
+
+    def report(self) -> str:
+        """A table: one row per adapted layer or saved module, then the totals."""
+        width = max([len(n) for n, _, _ in self.layers] + [5])
+        rows = [f"{'layer':<{width}}  {'what':<24}  {'trainable':>12}"]
+        rows += [f"{n:<{width}}  {w:<24}  {c:>12,}" for n, w, c in self.layers]
+        return "\n".join(rows + [str(self)])
+
+
+def _numel(p: torch.Tensor) -> int:
+    return getattr(p, "ds_numel", None) or p.numel()
+
+
+def trainable_parameters(model: nn.Module) -> ParameterCount:
+    """Count trainable and total parameters (ZeRO-3 partitioned ones at full size)."""
+    seen: set[int] = set()
+    trainable = total = 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += _numel(p)
+        trainable += _numel(p) if p.requires_grad else 0
+    rows = []
+    for name, layer in adapter_layers(model):
+        parts = [k for k, v in layer.factors().items() if v.requires_grad]
+        rows.append((name, f"{layer.method.name}: {'+'.join(parts)}", sum(_numel(layer.factors()[k]) for k in parts)))
+    cfg = getattr(model, CONFIG_ATTR, None)
+    for name, module in _modules_to_save(model, cfg.modules_to_save) if cfg else []:
+        rows.append((name, "full module", sum(_numel(p) for p in module.parameters() if p.requires_grad)))
+    return ParameterCount(trainable, total, rows)
+
+
+def count_plan(model: nn.Module, config: AdapterConfig) -> ParameterCount:
+    """What `apply(model, config)` would train, from shapes only: works on a meta-device model."""
+    method = get_method(config.method)
+    rows = []
+    for name, module in find_targets(model, config):
+        out_f, in_f = base_kind(module).weight(module).shape
+        rows.append((name, method.name, method.trainable_count(out_f, in_f, config.r)))
+    for name, module in _modules_to_save(model, config.modules_to_save):
+        rows.append((name, "full module", sum(p.numel() for p in module.parameters())))
+    total = sum(p.numel() for p in model.parameters()) + sum(c for _, w, c in rows if w != "full module")
+    return ParameterCount(sum(c for _, _, c in rows), total, rows)
+
+
+@torch.no_grad()
+def merge(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base layer: returns the model with plain layers, in place.
+
+    The result has no svdadapt types left, so `save_pretrained` and a plain `from_pretrained` of the
+    base class round-trip it.
+    """
+    adapter_config(model)
+    for name, layer in adapter_layers(model):
+        with _gathered(layer, modify=False):
+            _replace(model, name, layer.merged_module())
+    delattr(model, CONFIG_ATTR)
+    return model

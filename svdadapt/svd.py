@@ -1,0 +1,152 @@
+"""Truncated SVD with canonical signs, two solvers and an on-disk cache.
+
+`truncated_svd(weight, r)` returns `(U, S, Vh)` with `U` (out, r), `S` (r,), `Vh` (r, in), computed in
+float32 or float64 whatever the weight's dtype. Signs are canonical: the largest-magnitude entry of
+every left singular vector is positive, so one weight gives bit-identical factors on every run.
+
+The cache keys a decomposition by the weight's content hash, shape, dtype, solver and its settings;
+a request for rank r is served by any cached decomposition of rank >= r (its first r triplets).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+SOLVERS = ("full", "randomized")
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass(frozen=True)
+class SVDSettings:
+    """How a truncated SVD is computed.
+
+    Attributes:
+        solver: "full" (`torch.linalg.svd`) or "randomized" (range finder with power iterations).
+        dtype: "float32" or "float64", the precision of the computation whatever the weight's dtype.
+        oversample: extra random directions for the randomized solver (more: more accurate).
+        niter: power iterations for the randomized solver (more: more accurate on flat spectra).
+        cache_dir: where decompositions are cached; None for the default user cache, "" to disable.
+    """
+
+    solver: str = "full"
+    dtype: str = "float32"
+    oversample: int = 16
+    niter: int = 4
+    cache_dir: str | None = None
+
+    def key(self) -> str:
+        if self.solver == "full":
+            return f"full-{self.dtype}"
+        return f"randomized-{self.dtype}-p{self.oversample}-q{self.niter}"
+
+
+def default_cache_dir() -> Path:
+    """`$SVDADAPT_CACHE`, else `$XDG_CACHE_HOME/svdadapt/svd`, else `~/.cache/svdadapt/svd`."""
+    if env := os.environ.get("SVDADAPT_CACHE"):
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "svdadapt" / "svd"
+
+
+def fingerprint(weight: torch.Tensor) -> str:
+    """sha256 of a tensor's bytes, shape and dtype: identifies a base weight."""
+    t = weight.detach().contiguous().cpu()
+    h = hashlib.sha256(f"{tuple(t.shape)}|{t.dtype}|".encode())
+    h.update(t.view(-1).view(torch.uint8).numpy().data)
+    return h.hexdigest()
+
+
+def canonical_signs(u: torch.Tensor, vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flip each singular pair so that the largest-magnitude entry of u[:, i] is positive."""
+    idx = u.abs().argmax(dim=0)  # (r,)
+    signs = torch.sign(u.gather(0, idx[None]).squeeze(0))
+    signs[signs == 0] = 1
+    return u * signs, vh * signs[:, None]
+
+
+def _randomized(w: torch.Tensor, k: int, oversample: int, niter: int):
+    """Halko-Martinsson-Tropp range finder with QR-stabilised power iterations, fixed seed."""
+    out_f, in_f = w.shape
+    p = min(k + oversample, min(out_f, in_f))
+    gen = torch.Generator().manual_seed(0)
+    omega = torch.randn(in_f, p, generator=gen, dtype=w.dtype).to(w.device)
+    q = torch.linalg.qr(w @ omega).Q  # (out, p)
+    for _ in range(niter):
+        z = torch.linalg.qr(w.T @ q).Q  # (in, p)
+        q = torch.linalg.qr(w @ z).Q
+    ub, s, vh = torch.linalg.svd(q.T @ w, full_matrices=False)  # (p, p), (p,), (p, in)
+    return (q @ ub)[:, :k], s[:k], vh[:k]
+
+
+def _compute(w: torch.Tensor, k: int, s: SVDSettings):
+    if s.solver == "full":
+        u, sv, vh = torch.linalg.svd(w, full_matrices=False)
+        u, sv, vh = u[:, :k], sv[:k], vh[:k]
+    else:
+        u, sv, vh = _randomized(w, k, s.oversample, s.niter)
+    u, vh = canonical_signs(u, vh)
+    return u.contiguous(), sv.contiguous(), vh.contiguous()
+
+
+def truncated_svd(
+    weight: torch.Tensor,
+    r: int,
+    settings: SVDSettings = SVDSettings(),
+    weight_hash: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-r singular triplets of `weight` (out, in): U (out, r), S (r,), Vh (r, in).
+
+    Args:
+        weight: the matrix, any floating dtype; it is not modified.
+        r: how many triplets, 1 <= r <= min(weight.shape).
+        settings: solver, precision and cache.
+        weight_hash: `fingerprint(weight)` if already known (saves hashing twice).
+    """
+    if settings.solver not in SOLVERS:
+        raise ValueError(f"svd solver {settings.solver!r} is not one of {SOLVERS}")
+    if not 1 <= r <= min(weight.shape):
+        raise ValueError(f"svd rank r={r} must be in [1, {min(weight.shape)}] for a weight of shape {tuple(weight.shape)}")
+    dtype = _DTYPES[settings.dtype]
+    cache = None if settings.cache_dir == "" else Path(settings.cache_dir or default_cache_dir())
+    if cache is not None:
+        key = weight_hash or fingerprint(weight)
+        folder = cache / key[:2] / f"{key}-{settings.key()}"
+        hit = _lookup(folder, r)
+        if hit is not None:
+            return tuple(t.to(weight.device) for t in hit)
+    u, sv, vh = _compute(weight.detach().to(dtype), r, settings)
+    if cache is not None:
+        _store(folder, r, u, sv, vh)
+    return u, sv, vh
+
+
+def _lookup(folder: Path, r: int):
+    if not folder.is_dir():
+        return None
+    ranks = sorted(int(p.stem[1:]) for p in folder.glob("r*.safetensors") if p.stem[1:].isdigit())
+    for k in ranks:
+        if k >= r:
+            try:
+                t = load_file(str(folder / f"r{k}.safetensors"))
+            except Exception:  # a damaged cache entry is recomputed, never trusted
+                continue
+            return t["U"][:, :r].contiguous(), t["S"][:r].contiguous(), t["Vh"][:r].contiguous()
+    return None
+
+
+def _store(folder: Path, r: int, u, sv, vh) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+        os.close(fd)
+        save_file({"U": u.cpu().contiguous(), "S": sv.cpu().contiguous(), "Vh": vh.cpu().contiguous()}, tmp)
+        os.replace(tmp, folder / f"r{r}.safetensors")
+    except OSError:  # a read-only or full cache never stops training
+        pass
