@@ -17,6 +17,9 @@ class LargestTensor(TorchDispatchMode):
         for t in tree_flatten(out)[0]:
             # views share storage and allocate nothing; count only fresh storages
             if isinstance(t, torch.Tensor) and t.untyped_storage().nbytes() // max(t.element_size(), 1) > self.numel:
-                if not any(isinstance(a, torch.Tensor) and a.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() for a in tree_flatten((args, kwargs))[0]):
+                if not any(
+                    isinstance(a, torch.Tensor) and a.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
+                    for a in tree_flatten((args, kwargs))[0]
+                ):
                     self.numel, self.op = t.untyped_storage().nbytes() // t.element_size(), str(func)
         return out

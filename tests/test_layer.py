@@ -166,13 +166,17 @@ def test_dude_agrees_with_peft_dora_pissa():
     base = nn.Sequential(nn.Linear(48, 40))
     ours = nn.Sequential(nn.Linear(48, 40))
     ours.load_state_dict(base.state_dict())
-    peft_model = get_peft_model(base, LoraConfig(r=8, lora_alpha=8, target_modules=["0"], use_dora=True, init_lora_weights="pissa"))
+    peft_model = get_peft_model(
+        base, LoraConfig(r=8, lora_alpha=8, target_modules=["0"], use_dora=True, init_lora_weights="pissa")
+    )
     svdadapt.apply(ours, svdadapt.AdapterConfig(method="dude", r=8, target_modules=["0"]))
     pl, ol = peft_model.base_model.model[0], ours[0]
     x = torch.randn(10, 48)
     # same start: residual, B A product, magnitude and output (SVD signs may differ per column)
     torch.testing.assert_close(pl.base_layer.weight, ol.weight, rtol=0, atol=2e-5)
-    torch.testing.assert_close(pl.lora_B["default"].weight @ pl.lora_A["default"].weight, ol.lora_B @ ol.lora_A, rtol=0, atol=2e-5)
+    torch.testing.assert_close(
+        pl.lora_B["default"].weight @ pl.lora_A["default"].weight, ol.lora_B @ ol.lora_A, rtol=0, atol=2e-5
+    )
     torch.testing.assert_close(pl.lora_magnitude_vector["default"].weight, ol.magnitude, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(peft_model(x), ours(x), rtol=1e-5, atol=1e-5)
     # the same perturbation of B, A and m in both (copy ours into peft so the coordinates agree)
@@ -180,7 +184,11 @@ def test_dude_agrees_with_peft_dora_pissa():
     with torch.no_grad():
         pl.lora_A["default"].weight.copy_(ol.lora_A)
         pl.lora_B["default"].weight.copy_(ol.lora_B)
-        for p_ours, p_peft in [(ol.lora_A, pl.lora_A["default"].weight), (ol.lora_B, pl.lora_B["default"].weight), (ol.magnitude, pl.lora_magnitude_vector["default"].weight)]:
+        for p_ours, p_peft in [
+            (ol.lora_A, pl.lora_A["default"].weight),
+            (ol.lora_B, pl.lora_B["default"].weight),
+            (ol.magnitude, pl.lora_magnitude_vector["default"].weight),
+        ]:
             d = torch.randn(p_ours.shape, generator=g) * 0.2
             p_ours.add_(d)
             p_peft.add_(d)
@@ -285,5 +293,7 @@ def test_non_finite_weight_names_the_module_and_changes_nothing(bad):
 
 def test_unsupported_layer_lists_supported_types():
     model = nn.Sequential(nn.Conv2d(3, 4, 3))
-    with pytest.raises(ValueError, match=r"module '0' of type Conv2d cannot be adapted; supported layer types: .*nn\.Linear.*Conv1D"):
+    with pytest.raises(
+        ValueError, match=r"module '0' of type Conv2d cannot be adapted; supported layer types: .*nn\.Linear.*Conv1D"
+    ):
         svdadapt.apply(model, svdadapt.AdapterConfig(method="lora", r=2, target_modules=["0"]))
