@@ -5,8 +5,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 
+def _storage_elements(t: torch.Tensor) -> int:
+    return t.untyped_storage().nbytes() // max(t.element_size(), 1)
+
+
 class LargestTensor(TorchDispatchMode):
-    """Records the largest op output (by element count) and which op made it."""
+    """Records the largest freshly allocated op output (by element count) and the op that made it."""
 
     def __init__(self):
         super().__init__()
@@ -14,12 +18,10 @@ class LargestTensor(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        inputs = {a.untyped_storage().data_ptr() for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)}
         for t in tree_flatten(out)[0]:
-            # views share storage and allocate nothing; count only fresh storages
-            if isinstance(t, torch.Tensor) and t.untyped_storage().nbytes() // max(t.element_size(), 1) > self.numel:
-                if not any(
-                    isinstance(a, torch.Tensor) and a.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
-                    for a in tree_flatten((args, kwargs))[0]
-                ):
-                    self.numel, self.op = t.untyped_storage().nbytes() // t.element_size(), str(func)
+            # a view of an input allocates nothing; count only fresh storages
+            fresh = isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs
+            if fresh and _storage_elements(t) > self.numel:
+                self.numel, self.op = _storage_elements(t), str(func)
         return out
