@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import functools
 import json
 import logging
 import os
@@ -73,11 +74,9 @@ def load_model(args: argparse.Namespace, auto_class: str, **kwargs):
     import transformers
 
     import svdadapt
-    from svdadapt.io import read_adapter
+    from svdadapt.io import CONFIG_FILE
 
-    meta = None
-    if args.adapter:
-        meta, _, _ = read_adapter(args.adapter)  # checks the directory before the (slow) model load
+    meta = json.loads((Path(args.adapter) / CONFIG_FILE).read_text()) if args.adapter else None
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
     extra = {"gguf_file": args.gguf_file} if args.gguf_file else {}
     try:
@@ -136,10 +135,9 @@ def resolve_tasks(names: list[str], data_dir: str | None, include_paths: list[st
         raise ValueError(
             f"task(s) {need_data} read local files here: pass --data-dir DIR (with gsm8k/ and mmlu/, see docs/evaluation.md)"
         )
-    everything = TaskManager(include_defaults=True, include_path=paths or None)
-    unknown = [n for n in missing if n not in everything.all_tasks]
-    if unknown:
-        choices = set(everything.all_tasks) | set(local_task_names())
+    known = set(lm_eval_task_names()) | ours | set(local.all_tasks if local else ())
+    if unknown := [n for n in missing if n not in known]:
+        choices = known | set(local_task_names())
         hints = "; ".join(
             f"{n!r}: did you mean {', '.join(difflib.get_close_matches(n, choices, n=5, cutoff=0.6)) or 'nothing close'}?"
             for n in unknown
@@ -151,7 +149,15 @@ def resolve_tasks(names: list[str], data_dir: str | None, include_paths: list[st
             "(HF_HUB_OFFLINE/HF_DATASETS_OFFLINE set or no network): write a task YAML that reads local files and pass its folder "
             "with --include-path DIR (gsm8k and mmlu have local definitions: --data-dir DIR)"
         )
-    return everything
+    return TaskManager(include_defaults=True, include_path=paths or None)
+
+
+@functools.lru_cache(maxsize=1)
+def lm_eval_task_names() -> tuple[str, ...]:
+    """Every task, group and tag lm-eval ships (indexing them takes several seconds, so once per process)."""
+    from lm_eval.tasks import TaskManager
+
+    return tuple(TaskManager(include_defaults=True).all_tasks)
 
 
 def _quiet_lm_eval() -> None:
@@ -292,6 +298,20 @@ def _header(args: argparse.Namespace, meta: dict | None, **versions) -> dict:
     }
 
 
+def check_adapter_dir(directory: str) -> None:
+    """Fail before any slow step if `directory` is not a saved adapter (its files are checked fully on load)."""
+    from svdadapt.io import CONFIG_FILE, WEIGHTS_FILE
+
+    d = Path(directory)
+    if not d.is_dir():
+        raise ValueError(f"--adapter {directory!r} is not a directory; pass the folder the adapter was saved to")
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (d / name).is_file():
+            raise ValueError(
+                f"--adapter {directory!r} has no {name}; pass a directory written by svdadapt.save_adapter or `svdadapt train`"
+            )
+
+
 def cli(argv: list[str]) -> int:
     """Entry point of `svdadapt eval`; returns the exit code (2 for bad input)."""
     parser = build_parser()
@@ -299,8 +319,8 @@ def cli(argv: list[str]) -> int:
     if bool(args.tasks) == bool(args.glue):
         parser.error("pass exactly one of --tasks NAMES (lm-eval) or --glue TASK")
     try:
-        if args.adapter and not Path(args.adapter).is_dir():
-            raise ValueError(f"--adapter {args.adapter!r} is not a directory; pass the folder the adapter was saved to")
+        if args.adapter:
+            check_adapter_dir(args.adapter)
         record = run_glue(args) if args.glue else run_lm_eval(args)
     except ValueError as e:
         print(f"svdadapt eval: error: {e}", file=sys.stderr)
