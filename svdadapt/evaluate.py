@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import functools
 import json
 import logging
 import os
@@ -111,7 +110,8 @@ def resolve_tasks(names: list[str], data_dir: str | None, include_paths: list[st
     """A `TaskManager` that knows every name in `names`; raises `ValueError` for unknown or unreachable ones.
 
     Local definitions (svdadapt/tasks with --data-dir, and --include-path) are indexed alone, which is
-    fast; lm-eval's own task index (~15k tasks, several seconds) is built only for names they lack.
+    fast. lm-eval's own index (~15k tasks, seconds to a minute) is built only online and only for
+    names the local ones lack; offline such names fail at once, since their data is on the hub.
     """
     from lm_eval.tasks import TaskManager
 
@@ -135,29 +135,29 @@ def resolve_tasks(names: list[str], data_dir: str | None, include_paths: list[st
         raise ValueError(
             f"task(s) {need_data} read local files here: pass --data-dir DIR (with gsm8k/ and mmlu/, see docs/evaluation.md)"
         )
-    known = set(lm_eval_task_names()) | ours | set(local.all_tasks if local else ())
-    if unknown := [n for n in missing if n not in known]:
-        choices = known | set(local_task_names())
-        hints = "; ".join(
-            f"{n!r}: did you mean {', '.join(difflib.get_close_matches(n, choices, n=5, cutoff=0.6)) or 'nothing close'}?"
-            for n in unknown
-        )
-        raise ValueError(f"unknown task name(s) {unknown} ({hints}). `lm_eval ls tasks` lists lm-eval's tasks")
     if _offline():
+        # no lm-eval index here: building it takes seconds to a minute, and nothing missing can run offline anyway
+        hints = _close_matches(missing, ours | set(local.all_tasks if local else ()) | set(local_task_names()))
         raise ValueError(
-            f"task(s) {missing} would download their data from the Hugging Face hub, which is offline here "
-            "(HF_HUB_OFFLINE/HF_DATASETS_OFFLINE set or no network): write a task YAML that reads local files and pass its folder "
-            "with --include-path DIR (gsm8k and mmlu have local definitions: --data-dir DIR)"
+            f"task(s) {missing} are not defined locally{hints}; lm-eval's own tasks download their data from the Hugging Face hub, "
+            "which is offline here (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE set or no network): pass --data-dir DIR for the local "
+            "gsm8k/mmlu tasks, or write task YAMLs that read local files and pass their folder with --include-path DIR"
         )
-    return TaskManager(include_defaults=True, include_path=paths or None)
+    everything = TaskManager(include_defaults=True, include_path=paths or None)
+    if unknown := [n for n in missing if n not in everything.all_tasks]:
+        hints = _close_matches(unknown, set(everything.all_tasks) | set(local_task_names()))
+        raise ValueError(f"unknown task name(s) {unknown}{hints}. `lm_eval ls tasks` lists lm-eval's tasks")
+    return everything
 
 
-@functools.lru_cache(maxsize=1)
-def lm_eval_task_names() -> tuple[str, ...]:
-    """Every task, group and tag lm-eval ships (indexing them takes several seconds, so once per process)."""
-    from lm_eval.tasks import TaskManager
-
-    return tuple(TaskManager(include_defaults=True).all_tasks)
+def _close_matches(names: list[str], choices: set[str]) -> str:
+    """A parenthesised "'name': did you mean a, b?" per name that has close matches; empty if none has."""
+    hints = [
+        f"{n!r}: did you mean {', '.join(close)}?"
+        for n in names
+        if (close := difflib.get_close_matches(n, choices, n=5, cutoff=0.6))
+    ]
+    return f" ({'; '.join(hints)})" if hints else ""
 
 
 def _quiet_lm_eval() -> None:

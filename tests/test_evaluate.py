@@ -254,19 +254,30 @@ def _fails(capsys, *argv: str) -> str:
 
 
 @needs_data
-def test_unknown_task_lists_close_matches(capsys):
-    err = _fails(capsys, "--model", "unused", "--tasks", "gsm8kk,mmlu_anatomyy", "--data-dir", str(DATA))
-    assert "unknown task name(s) ['gsm8kk', 'mmlu_anatomyy']" in err
+def test_unknown_task_lists_close_matches_offline(capsys):
+    err = _fails(capsys, "--model", "unused", "--tasks", "gsm8kk,mmlu_anatomyy,gsm8k", "--data-dir", str(DATA))
+    assert "task(s) ['gsm8kk', 'mmlu_anatomyy'] are not defined locally" in err
     assert "'gsm8kk': did you mean gsm8k" in err and "'mmlu_anatomyy': did you mean mmlu_anatomy" in err
+
+
+@pytest.mark.slow
+def test_unknown_task_lists_close_matches_online(capsys, monkeypatch):
+    monkeypatch.setattr(evaluate, "_offline", lambda: False)  # the name check needs lm-eval's index, not the network
+    err = _fails(capsys, "--model", "unused", "--tasks", "hellaswg")
+    assert "unknown task name(s) ['hellaswg'] ('hellaswg': did you mean hellaswag" in err
 
 
 def test_hub_task_offline_fails_naming_local_options(capsys, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     err = _fails(capsys, "--model", "unused", "--tasks", "hellaswag")
-    assert "['hellaswag'] would download their data from the Hugging Face hub" in err
+    assert (
+        "task(s) ['hellaswag'] are not defined locally; lm-eval's own tasks download their data from the Hugging Face hub" in err
+    )
     assert "--include-path DIR" in err and "--data-dir DIR" in err
     err = _fails(capsys, "--model", "unused", "--tasks", "gsm8k,mmlu")
     assert "task(s) ['gsm8k', 'mmlu'] read local files here: pass --data-dir DIR" in err
+    err = _fails(capsys, "--model", "unused", "--tasks", "gsm8k_metamath")
+    assert "task(s) ['gsm8k_metamath'] read local files here" in err
 
 
 def test_missing_adapter_directory(capsys, tmp_path):
