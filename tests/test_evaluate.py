@@ -134,6 +134,27 @@ def test_mmlu_group_has_57_subject_tasks(tmp_path):
     assert task.config.description == "The following are multiple choice questions (with answers) about anatomy.\n\n"
 
 
+@needs_data
+def test_local_tasks_are_indexed_alone(tmp_path):
+    """gsm8k/mmlu with --data-dir, plus a task from --include-path, need no index of lm-eval's ~15k tasks."""
+    own = tmp_path / "own"
+    own.mkdir()
+    spec = {
+        "task": "my_arith",
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(DATA / "gsm8k" / "test.jsonl")}},
+        "output_type": "generate_until",
+        "test_split": "test",
+        "doc_to_text": "Q: {{question}}\nA:",
+        "doc_to_target": "{{answer}}",
+        "metric_list": [{"metric": "exact_match"}],
+    }
+    (own / "my_arith.yaml").write_text(yaml.safe_dump(spec))
+    manager = evaluate.resolve_tasks(["gsm8k", "mmlu", "my_arith"], str(DATA), [str(own)], str(tmp_path / "work"))
+    assert {"gsm8k", "gsm8k_metamath", "mmlu", "mmlu_anatomy", "my_arith"} <= set(manager.all_tasks)
+    assert len(manager.all_tasks) < 100 and "hellaswag" not in manager.all_tasks
+
+
 def test_missing_data_file_is_named(tmp_path):
     (tmp_path / "mmlu").mkdir()
     with pytest.raises(ValueError, match=r"task mmlu_anatomy: .*anatomy_dev\.csv' does not exist"):
