@@ -248,6 +248,8 @@ def run_glue(args: argparse.Namespace) -> dict:
         raise ValueError(f"GLUE {task} split {args.split!r} has no rows; check --data-dir and --split")
     labels = [int(r["label"]) for r in rows]
     columns = [k for k, v in rows[0].items() if k not in ("label", "idx", "index") and isinstance(v, str)]
+    if len(columns) not in (1, 2):
+        raise ValueError(f"GLUE {task} rows have text columns {columns}; a classifier takes one text or a pair")
     seed_everything(args.seed)
     model, tokenizer, meta = load_model(args, "AutoModelForSequenceClassification", num_labels=max(2, max(labels) + 1))
     if tokenizer.pad_token is None:
