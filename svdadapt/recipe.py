@@ -6,7 +6,8 @@ A recipe has four sections, `model`, `adapter` (an `svdadapt.AdapterConfig`), `d
 plus `name` and `output_dir`. Defaults live in the dataclasses below. Unknown keys, wrong types and
 bad values are collected and raised together in one `ValueError`, each naming the key, what is
 allowed and (for typos) the closest valid key. A recipe may `extends: other.yaml` (a path relative
-to itself) and override some keys; the result is the merged mapping.
+to itself) and override some keys; the result is the merged mapping. A GLUE recipe may carry a
+`per_task:` table (task name -> sections) merged in for the chosen `data.glue_task`; `--set` wins.
 """
 
 from __future__ import annotations
@@ -225,7 +226,7 @@ class Recipe:
 
 
 SECTIONS: dict[str, type] = {"model": ModelSection, "adapter": AdapterConfig, "data": DataSection, "training": TrainingSection}
-TOP_KEYS = ("name", "output_dir", "extends", *SECTIONS)
+TOP_KEYS = ("name", "output_dir", "extends", "per_task", *SECTIONS)
 
 
 def _choices(obj, section: str, **allowed) -> list[str]:
@@ -245,7 +246,7 @@ def _positive(obj, section: str, *names: str) -> list[str]:
 def _unknown(key: str, valid, where: str) -> str:
     close = difflib.get_close_matches(key, valid, n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
-    return f"unknown key {where}{key!r}.{hint} Valid keys: {sorted(valid)}"
+    return f"unknown key {where + key!r}.{hint} Valid keys: {sorted(valid)}"
 
 
 def _coerce(value, hint, where: str):
@@ -375,12 +376,29 @@ def read_yaml(path: str | Path, _seen: tuple = ()) -> dict:
     return raw
 
 
-def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
-    """Read a YAML recipe, apply `key=value` overrides (values parsed as YAML), build and check it."""
-    raw = read_yaml(path)
+def apply_per_task(raw: dict, overrides: list[str] = (), source: str = "recipe") -> dict:
+    """Merge `per_task[<data.glue_task>]` into the mapping, then the `key=value` overrides (which win)."""
+    raw = dict(raw)
+    table = raw.pop("per_task", None) or {}
     for assignment in overrides:
         _set(raw, assignment)
-    return recipe_from_dict(raw, source=str(path))
+    if not isinstance(table, dict):
+        raise ValueError(f"{source}: per_task must map GLUE task names to recipe sections, found {type(table).__name__}")
+    from svdadapt.data.glue import glue_task
+
+    for task in table:
+        glue_task(task)  # an unknown name raises, with the close matches
+    task = (raw.get("data") or {}).get("glue_task")
+    if isinstance(task, str) and task.lower().replace("-", "") in table:
+        raw = _merge(raw, table[task.lower().replace("-", "")])
+        for assignment in overrides:
+            _set(raw, assignment)
+    return raw
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Read a YAML recipe, apply its per-task table and `key=value` overrides (YAML-parsed), build and check it."""
+    return recipe_from_dict(apply_per_task(read_yaml(path), overrides, str(path)), source=str(path))
 
 
 def dump_recipe(recipe: Recipe) -> str:

@@ -272,7 +272,7 @@ def training_arguments(recipe: Recipe, has_eval: bool, resuming: bool):
         fp16=t.fp16,
         deepspeed=t.deepspeed,
         dataloader_num_workers=t.dataloader_num_workers,
-        gradient_checkpointing=recipe.model.gradient_checkpointing,
+        activation_checkpointing=recipe.model.gradient_checkpointing,
         use_cpu=not torch.cuda.is_available(),
         remove_unused_columns=False,
         label_names=["labels"],
@@ -342,11 +342,11 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, callba
         model.enable_input_require_grads()
     apply(model, recipe.adapter, progress=args.process_index == 0)
     if any(hasattr(p, "ds_id") for p in model.parameters()):
-        from deepspeed.utils import set_z3_leaf_modules
+        from deepspeed import zero
 
-        from svdadapt.layer import AdapterLayer
-
-        set_z3_leaf_modules(model, [AdapterLayer])  # fetch the wrapped base weight with the layer's own
+        for _, layer in adapter_layers(model):  # the layer reads its base layer's weight without calling it
+            for p in layer.base_layer.parameters():
+                zero.register_external_parameter(layer, p)
     if args.process_index == 0:
         print(trainable_parameters(model), flush=True)
     with args.main_process_first(local=False):
@@ -372,6 +372,8 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, callba
     history = list(trainer.state.log_history)  # the final evaluation below would add to it
     final = trainer.evaluate() if data.eval is not None else {}
     model = trainer.model
+    if hasattr(trainer.model_wrapped, "empty_partition_cache"):  # ZeRO-3: settle prefetched params before gathering
+        trainer.model_wrapped.empty_partition_cache()
     metrics = collect_metrics(recipe, data.task, model, history, trainer.state.global_step, final, train_time)
     _save_adapters(model, out, recipe.model.name_or_path, args.process_index == 0)
     if args.process_index == 0:
