@@ -174,7 +174,7 @@ def param_groups(model: torch.nn.Module, training) -> list[dict]:
             "params": ps,
             "lr": lrs[kind],
             "weight_decay": training.weight_decay if matrix else 0.0,
-            "name": f"{kind}{'' if matrix else '_no_decay'}",
+            "name": kind if matrix or kind == "magnitude" else f"{kind}_no_decay",
         }
         for (kind, matrix), ps in groups.items()
     ]

@@ -6,6 +6,7 @@ Modules: `svdadapt.data.math` (MetaMathQA, GSM8K) and `svdadapt.data.glue` (the 
 from __future__ import annotations
 
 import random
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -56,6 +57,14 @@ def _math(section, tokenizer, seed: int) -> DataBundle:
 
     def encode(rs):
         feats = [tokenize_math(r, tokenizer, section.max_length) for r in rs]
+        kept = [f for f in feats if any(t != -100 for t in f["labels"])]  # the prompt alone filled max_length
+        if not kept:
+            raise ValueError(f"data.max_length={section.max_length} leaves no response tokens in any example; raise it")
+        if len(kept) < len(feats):
+            warnings.warn(
+                f"dropped {len(feats) - len(kept)} of {len(feats)} examples whose prompt fills data.max_length", stacklevel=2
+            )
+        feats = kept
         return datasets.Dataset.from_dict({k: [f[k] for f in feats] for k in ("input_ids", "attention_mask", "labels")})
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
