@@ -3,7 +3,7 @@
     svdadapt train recipes/quickstart.yaml
     svdadapt train recipes/roberta_glue_edora.yaml --set data.glue_task=rte --set training.learning_rate=1e-3
     deepspeed --module svdadapt train recipes/mistral_dude.yaml
-    torchrun --nproc_per_node 2 -m svdadapt train recipes/quickstart.yaml --set training.deepspeed=null
+    torchrun --nproc_per_node 8 -m svdadapt train recipes/mistral_dude.yaml --set data.source=../shared/data/gsm8k/train.jsonl
 
 The run directory gets recipe.yaml (the resolved recipe), adapter/ (compact) and adapter_full/,
 metrics.json, and the Trainer's checkpoints; `--resume` continues from the last complete one.
@@ -341,6 +341,9 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, callba
     data = build_data(recipe.data, tokenizer, seed=recipe.training.seed)
     # TrainingArguments before the model: under ZeRO-3 it makes from_pretrained load the weights partitioned
     args = training_arguments(recipe, has_eval=data.eval is not None, resuming=checkpoint is not None)
+    from transformers import set_seed
+
+    set_seed(recipe.training.seed)  # a new head (e.g. a classifier) starts from the same values every run
     model = load_model(recipe, tokenizer, num_labels=data.num_labels)
     if recipe.model.gradient_checkpointing:
         model.enable_input_require_grads()
