@@ -66,8 +66,9 @@ class DataSection:
 
     Attributes:
         kind: "math" (MetaMathQA/GSM8K prompts, loss on the response) or "glue".
-        source: math: a hub id or a local JSON/JSONL file; glue: a local dir in the GLUE layout, or
-            None for the hub (`nyu-mll/glue`). Relative paths are relative to the working directory.
+        source: math: a hub id or a local JSON/JSONL file (None: meta-math/MetaMathQA from the hub);
+            glue: a local dir in the original GLUE layout (None: nyu-mll/glue from the hub).
+            Relative paths are relative to the working directory.
         glue_task: cola, sst2, mrpc, qqp, stsb, mnli, qnli or rte (kind glue).
         eval_source: math: a file to evaluate the loss on (default: hold out `eval_size` training rows).
         eval_size: math: training rows held out for evaluation when eval_source is unset (0: none).
@@ -77,7 +78,7 @@ class DataSection:
     """
 
     kind: str = "math"
-    source: str | None = "meta-math/MetaMathQA"
+    source: str | None = None
     glue_task: str | None = None
     eval_source: str | None = None
     eval_size: int = 0
@@ -96,8 +97,6 @@ class DataSection:
                 glue_task(self.glue_task or "")
             except ValueError as e:
                 out.append(f"data.glue_task: {e}")
-        elif self.kind == "math" and not self.source:
-            out.append("data.source: kind 'math' needs a hub id (meta-math/MetaMathQA) or a JSON/JSONL file")
         if self.eval_size < 0:
             out.append(f"data.eval_size={self.eval_size} must be >= 0")
         return out

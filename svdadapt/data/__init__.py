@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from svdadapt.data.glue import GLUE_TASKS, glue_metrics, glue_task, load_glue
 from svdadapt.data.math import PadCollator, load_math, tokenize_math
 
+METAMATHQA = "meta-math/MetaMathQA"  # data.source's default for kind "math"
+
 
 @dataclass
 class DataBundle:
@@ -44,7 +46,7 @@ def _subset(ds, n: int | None, seed: int | None = None):
 def _math(section, tokenizer, seed: int) -> DataBundle:
     import datasets
 
-    rows = load_math(section.source)
+    rows = load_math(section.source or METAMATHQA)
     rng = random.Random(seed)
     eval_rows = load_math(section.eval_source) if section.eval_source else []
     if not eval_rows and section.eval_size:
