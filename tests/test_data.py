@@ -1,5 +1,10 @@
 """Data: GLUE from the original TSV layout, GLUE metrics against independent implementations, math prompts."""
 
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
 import json
 from pathlib import Path
 

@@ -1,7 +1,11 @@
 """`svdadapt train` end to end on tiny models: loss falls, adapters reload exactly, resume, bad input, DeepSpeed."""
 
-import json
 import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import json
 import shutil
 import socket
 import subprocess
