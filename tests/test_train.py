@@ -9,6 +9,7 @@ import json
 import shutil
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -350,3 +351,44 @@ def test_quickstart_recipe_runs(tmp_path, monkeypatch):
     m = run(recipe_from_dict(recipe.to_dict() | {"output_dir": str(tmp_path / "qs")})).metrics
     assert set(m["before"]) == set(m["final"]) == {"loss", "accuracy"} and m["train_steps"] == 4
     assert (tmp_path / "qs" / "adapter" / "adapter_config.json").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("deepspeed", [None, "recipes/ds_zero2.json"])
+def test_killed_process_resumes(llama_dir, tmp_path, deepspeed):
+    """Kill the training process once a checkpoint is complete; --resume continues from it instead of redoing it."""
+    import signal
+    import time
+
+    recipe = llama_recipe(llama_dir, tmp_path / "run", "edora", max_steps=12, save_steps=2, save_total_limit=None)
+    recipe = recipe_from_dict(recipe.to_dict() | {"training": recipe.to_dict()["training"] | {"deepspeed": deepspeed}})
+    path = tmp_path / "recipe.yaml"
+    path.write_text(dump_recipe(recipe))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    launcher = (
+        ["deepspeed", "--num_gpus", "0", "--master_port", str(_port()), "--module", "svdadapt"]
+        if deepspeed
+        else [sys.executable, "-m", "svdadapt"]
+    )
+    proc = subprocess.Popen(
+        [*launcher, "train", str(path)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    marker = tmp_path / "run" / "checkpoint-2" / "svdadapt_checkpoint.json"
+    deadline = time.time() + 600
+    while not marker.is_file() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert marker.is_file() and not (tmp_path / "run" / "metrics.json").exists(), "the run ended before it could be killed"
+    done = complete_checkpoints(tmp_path / "run")
+    stamp = {p.name: (p / "trainer_state.json").stat().st_mtime_ns for p in done}
+    m = _launch(launcher, recipe, tmp_path, ["--resume"])
+    assert m["train_steps"] == 12
+    for p in done:  # checkpoints before the kill were not written again: training went on from the last one
+        assert (p / "trainer_state.json").stat().st_mtime_ns == stamp[p.name]
+    assert [e["step"] for e in m["log_history"]] == [1, 2, 4, 6, 8, 10, 12]
