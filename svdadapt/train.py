@@ -201,13 +201,14 @@ def _trainer_class():
             return self.optimizer
 
         def _save(self, output_dir=None, state_dict=None):
-            if self.is_deepspeed_enabled:  # the DeepSpeed engine's own checkpoint holds the module
-                return super()._save(output_dir, state_dict)
+            # The trained tensors only: the frozen base is rebuilt from the recipe (and under DeepSpeed the
+            # engine's own checkpoint files are what --resume reads).
             output_dir = output_dir or self.args.output_dir
             if self.args.should_save:
                 os.makedirs(output_dir, exist_ok=True)
                 names = {n for n, p in self.model.named_parameters() if p.requires_grad}
-                tensors = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items() if k in names}
+                source = state_dict if state_dict is not None else self.model.state_dict()
+                tensors = {k: v.detach().cpu().contiguous() for k, v in source.items() if k in names}
                 safetensors.torch.save_file(tensors, os.path.join(output_dir, "model.safetensors"), metadata={"format": "pt"})
                 torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
