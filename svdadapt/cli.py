@@ -24,6 +24,8 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # the deepspeed launcher inserts --local_rank=N before the subcommand; LOCAL_RANK in the env says the same
+    argv = [a for a in argv if not a.startswith(("--local_rank=", "--local-rank="))]
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: svdadapt {" + ",".join(COMMANDS) + "} ...\n")
         for name, (_, _, text) in COMMANDS.items():

