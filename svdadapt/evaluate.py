@@ -240,18 +240,19 @@ def run_glue(args: argparse.Namespace) -> dict:
             f"--glue {args.glue!r} is not a GLUE task here; choose from {sorted(glue.GLUE_TASKS)}"
             + (f" (did you mean {close[0]!r}?)" if close else "")
         )
+    num_labels = glue.glue_task(task).num_labels  # 1: regression (STS-B)
     rows = glue.load_glue(task, args.split, data_dir=args.data_dir)
     rows = [dict(r) for r in rows]
     if args.limit is not None:
         rows = rows[: int(args.limit) if args.limit >= 1 else int(len(rows) * args.limit)]
     if not rows:
         raise ValueError(f"GLUE {task} split {args.split!r} has no rows; check --data-dir and --split")
-    labels = [int(r["label"]) for r in rows]
+    labels = [float(r["label"]) if num_labels == 1 else int(r["label"]) for r in rows]
     columns = [k for k, v in rows[0].items() if k not in ("label", "idx", "index") and isinstance(v, str)]
     if len(columns) not in (1, 2):
         raise ValueError(f"GLUE {task} rows have text columns {columns}; a classifier takes one text or a pair")
     seed_everything(args.seed)
-    model, tokenizer, meta = load_model(args, "AutoModelForSequenceClassification", num_labels=max(2, max(labels) + 1))
+    model, tokenizer, meta = load_model(args, "AutoModelForSequenceClassification", num_labels=num_labels)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -262,7 +263,8 @@ def run_glue(args: argparse.Namespace) -> dict:
             chunk = rows[i : i + batch]
             texts = [[r[c] for r in chunk] for c in columns]
             enc = tokenizer(*texts, padding=True, truncation=True, return_tensors="pt").to(args.device)
-            preds += model(**enc).logits.argmax(-1).tolist()
+            logits = model(**enc).logits
+            preds += (logits[:, 0] if num_labels == 1 else logits.argmax(-1)).tolist()
     metrics = glue.glue_metrics(task, preds, labels)
     print(json.dumps({f"{task}/{k}": v for k, v in metrics.items()}, indent=2))
     record = _header(args, meta)
