@@ -17,6 +17,7 @@ COMMANDS = {
     "train": ("svdadapt.train", "cli", "fine-tune a model from a YAML recipe (HF Trainer, optionally DeepSpeed)"),
     "eval": ("svdadapt.evaluate", "cli", "evaluate a base model or adapter with lm-eval tasks or GLUE"),
     "count": ("svdadapt.count", "cli", "count trainable parameters per method and rank from a model config"),
+    "sweep": ("svdadapt.sweep", "cli", "run a grid of recipe variants, resumably, in time-boxed chunks"),
     "report": ("svdadapt.report", "cli", "a Markdown table and plots comparing training runs"),
     "bench": ("svdadapt.bench", "cli", "speed and memory benchmarks against the base layer and peft"),
 }

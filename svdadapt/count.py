@@ -30,7 +30,9 @@ def meta_model(model: str, trust_remote_code: bool = False) -> torch.nn.Module:
     try:
         cfg = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise ValueError(f"--model {model!r}: cannot read a model config there ({e.__class__.__name__}: {str(e).splitlines()[0]})") from None
+        raise ValueError(
+            f"--model {model!r}: cannot read a model config there ({e.__class__.__name__}: {str(e).splitlines()[0]})"
+        ) from None
     arch = (getattr(cfg, "architectures", None) or [None])[0]
     cls = getattr(transformers, arch, None) if arch else None
     with torch.device("meta"):

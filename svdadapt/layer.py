@@ -178,7 +178,7 @@ class AdapterLayer(nn.Module):
         self.lora_R = param("R", r, r) if method.has_R else None
         self.magnitude = param("magnitude", self.out_features) if method.magnitude else None
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        for name in ("init_A", "init_B", "_w_sq", "_C", "_G"):
+        for name in ("init_A", "init_B", "init_magnitude", "_w_sq", "_C", "_G"):
             self.register_buffer(name, None, persistent=False)
         self.base_fingerprint: str | None = None  # of W0, set by whoever initialises the layer
 
@@ -218,6 +218,7 @@ class AdapterLayer(nn.Module):
         self.refresh()
         if self.magnitude is not None:
             self.magnitude.copy_(self.row_norm())
+            self.init_magnitude = self.magnitude.detach().clone()  # to measure how far m moves in training
 
     @torch.no_grad()
     def refresh(self) -> None:

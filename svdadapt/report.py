@@ -43,7 +43,7 @@ def group_runs(runs: list[dict]) -> dict[str, dict[tuple, list[dict]]]:
     """`{task: {(method, r): [runs]}}`; runs in a group differ only by seed."""
     groups: dict[str, dict[tuple, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for run in runs:
-        groups[str(run.get("task") or "task")][(run["method"], run["r"])].append(run)
+        groups[str(run.get("task") or "task")][(run.get("label") or run["method"], run["r"])].append(run)
     return {t: dict(g) for t, g in groups.items()}
 
 
@@ -72,7 +72,17 @@ def markdown_table(task: str, groups: dict[tuple, list[dict]]) -> str:
     """One Markdown table row per (method, r), sorted by trainable parameters."""
     runs = [r for g in groups.values() for r in g]
     metrics = _metrics(runs)
-    head = ["method", "r", "trainable params", "% of total", *metrics, "train time (s)", "runs"]
+    moved = any(isinstance(r.get("magnitude_change"), dict) for r in runs)
+    head = [
+        "method",
+        "r",
+        "trainable params",
+        "% of total",
+        *metrics,
+        *(["‖Δm‖/‖m₀‖"] if moved else []),
+        "train time (s)",
+        "runs",
+    ]
     lines = [f"### {task}", "", "| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     for (method, r), rs in sorted(groups.items(), key=lambda kv: (kv[1][0]["trainable_params"], kv[0][0])):
         params = rs[0]["trainable_params"]
@@ -80,9 +90,13 @@ def markdown_table(task: str, groups: dict[tuple, list[dict]]) -> str:
         share = f"{100 * params / total:.3f}" if total else "–"
         cells = [_cell([x["final"][m] for x in rs if isinstance(x["final"].get(m), (int, float))]) for m in metrics]
         times = [x["train_time_s"] for x in rs if isinstance(x.get("train_time_s"), (int, float))]
+        if moved:  # the median over layers of each run's relative magnitude change
+            cells.append(_cell([x["magnitude_change"]["median"] for x in rs if isinstance(x.get("magnitude_change"), dict)], 6))
         lines.append("| " + " | ".join([method, str(r), f"{params:,}", share, *cells, _cell(times, 1), str(len(rs))]) + " |")
     lines.append("")
     lines.append("Values are the median over runs, with (min–max) when a row has several runs (seeds).")
+    if moved:
+        lines.append("‖Δm‖/‖m₀‖: how far the magnitude vectors moved from their start (median over layers).")
     return "\n".join(lines)
 
 

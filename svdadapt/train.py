@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from svdadapt.methods import get_method
 from svdadapt.model import _modules_to_save, adapter_config, adapter_layers, apply, trainable_parameters
 from svdadapt.recipe import Recipe, dump_recipe, load_recipe
 
@@ -301,6 +302,7 @@ def collect_metrics(recipe: Recipe, task: str, model, history: list[dict], steps
     evals = [{"step": e["step"], **_clean(e)} for e in history if any(k.startswith("eval_") for k in e)]
     before = next((_clean(e) for e in history if e.get("step") == 0 and any(k.startswith("eval_") for k in e)), {})
     return {
+        "label": variant_label(recipe.adapter),
         "method": recipe.adapter.method,
         "r": recipe.adapter.r,
         "alpha": recipe.adapter.resolved_alpha,
@@ -314,7 +316,31 @@ def collect_metrics(recipe: Recipe, task: str, model, history: list[dict], steps
         "eval_history": evals,
         "final": _clean(final),
         "before": before,
+        "magnitude_change": magnitude_change(model),
     }
+
+
+def variant_label(cfg) -> str:
+    """The method's name plus any non-default option that changes what it is (for reports)."""
+    method, extras = get_method(cfg.method), []
+    if method.has_R:  # the options of the frozen-basis initialiser
+        extras += ["random A,B"] if cfg.frozen_factors == "random" else []
+        extras += ["Σ on A"] if cfg.singular_values_on == "A" else []
+    extras += ["exact norm"] if cfg.norm == "exact" and method.magnitude else []
+    return cfg.method + (f" ({', '.join(extras)})" if extras else "")
+
+
+def magnitude_change(model) -> dict | None:
+    """How far the magnitudes moved from their start: ‖m − m0‖ / ‖m0‖ per layer, median and max."""
+    rel = [
+        ((layer.magnitude.detach() - layer.init_magnitude).norm() / layer.init_magnitude.norm()).item()
+        for _, layer in adapter_layers(model)
+        if layer.magnitude is not None and layer.init_magnitude is not None and layer.magnitude.numel() > 0
+    ]
+    if not rel:
+        return None
+    rel.sort()
+    return {"median": rel[len(rel) // 2], "max": rel[-1], "layers": len(rel)}
 
 
 def _save_adapters(model, out: Path, base: str, is_main: bool) -> None:

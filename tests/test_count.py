@@ -28,7 +28,9 @@ def mistral_config(tmp_path):
 
 
 def test_count_a_7b_config_in_closed_form(mistral_config, capsys):
-    assert main(["count", "--model", str(mistral_config), "--method", "edora,lora", "--r", "16", "--targets", "q_proj,v_proj"]) == 0
+    assert (
+        main(["count", "--model", str(mistral_config), "--method", "edora,lora", "--r", "16", "--targets", "q_proj,v_proj"]) == 0
+    )
     out = capsys.readouterr().out
     assert "MistralForCausalLM: 7,241,732,096 parameters" in out
     edora = 32 * ((16 * 16 + 4096) + (16 * 16 + 1024))

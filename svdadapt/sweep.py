@@ -1,0 +1,140 @@
+"""`svdadapt sweep`: run a grid of recipe variants, resumably, in time-boxed chunks.
+
+    svdadapt sweep recipes/evidence/glue_minilm.sweep.yaml --max-minutes 55   # repeat until it says "all done"
+    svdadapt sweep recipes/evidence/glue_minilm.sweep.yaml --dry-run          # list runs and their state
+
+A sweep file names a base recipe, named variants (each a set of `--set` overrides) and a grid
+(key -> list of values); every variant runs at every grid point, each run in its own process and
+output directory. A finished run (its `metrics.json` exists) is skipped, an interrupted one resumes
+from its last complete checkpoint. After each run its `metrics.json` is copied (labelled with the
+variant's name) under `results/runs/`, and `svdadapt report` rewrites the table and plots there.
+
+    recipe: recipes/evidence/glue_minilm.yaml
+    output_root: runs/evidence/glue_minilm          # run directories (checkpoints, adapters)
+    results: docs/results/glue_minilm               # what is kept: metrics, report, plots
+    variants:
+      lora: {adapter.method: lora, training.learning_rate: 5.0e-4}
+      edora: {adapter.method: edora, training.learning_rate: 5.0e-3}
+    grid:
+      data.glue_task: [rte, mrpc]
+      training.seed,adapter.seed: [0, 1, 2]         # comma-joined keys take the same value
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+_KEYS = {"recipe", "output_root", "results", "variants", "grid"}
+
+
+@dataclass(frozen=True)
+class Run:
+    name: str
+    variant: str
+    overrides: tuple[tuple[str, object], ...]
+
+
+def read_sweep(path: str | Path) -> tuple[dict, list[Run]]:
+    """The sweep file and the runs it describes, checked; raises `ValueError` naming the key."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"sweep file {str(p)!r} does not exist")
+    spec = yaml.safe_load(p.read_text()) or {}
+    if unknown := sorted(set(spec) - _KEYS):
+        raise ValueError(f"{p}: unknown keys {unknown}; a sweep file has {sorted(_KEYS)}")
+    for key in ("recipe", "output_root", "results", "variants"):
+        if not spec.get(key):
+            raise ValueError(f"{p}: {key!r} is required")
+    if not isinstance(spec["variants"], dict) or not all(isinstance(v, dict) for v in spec["variants"].values()):
+        raise ValueError(f"{p}: 'variants' must map a name to a dict of key: value overrides")
+    grid = spec.get("grid") or {}
+    if not all(isinstance(v, list) and v for v in grid.values()):
+        raise ValueError(f"{p}: every 'grid' entry must be a non-empty list of values")
+    runs = []
+    for variant, sets in spec["variants"].items():
+        for point in itertools.product(*grid.values()):
+            assigned = {k.strip(): v for keys, v in zip(grid, point) for k in keys.split(",")}
+            tag = "-".join(str(v) for v in point)
+            runs.append(Run(f"{variant}-{tag}" if tag else variant, variant, tuple({**sets, **assigned}.items())))
+    return spec, runs
+
+
+def _state(run_dir: Path) -> str:
+    if (run_dir / "metrics.json").is_file():
+        return "done"
+    from svdadapt.train import complete_checkpoints
+
+    return "resume" if run_dir.is_dir() and complete_checkpoints(run_dir) else "new"
+
+
+def _collect(spec: dict, run: Run, run_dir: Path) -> None:
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics["label"] = run.variant
+    dest = Path(spec["results"]) / "runs" / run.name
+    dest.mkdir(parents=True, exist_ok=True)
+    tmp = dest / "metrics.json.tmp"
+    tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+    os.replace(tmp, dest / "metrics.json")
+
+
+def _report(spec: dict) -> None:
+    from svdadapt.report import cli as report
+
+    runs = sorted(str(d) for d in (Path(spec["results"]) / "runs").glob("*") if (d / "metrics.json").is_file())
+    if runs:
+        report([*runs, "--output", str(Path(spec["results"]))])
+
+
+def cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="svdadapt sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("sweep", help="the sweep YAML file")
+    parser.add_argument("--max-minutes", type=float, default=None, help="start no new run after this many minutes")
+    parser.add_argument("--only", action="append", default=[], help="run only runs whose name contains this text (repeatable)")
+    parser.add_argument("--dry-run", action="store_true", help="list the runs and their state, run nothing")
+    args = parser.parse_args(argv)
+    try:
+        spec, runs = read_sweep(args.sweep)
+    except ValueError as e:
+        print(f"svdadapt sweep: {e}", file=sys.stderr)
+        return 2
+    runs = [r for r in runs if not args.only or any(t in r.name for t in args.only)]
+    root, start, failed = Path(spec["output_root"]), time.time(), []
+    for i, run in enumerate(runs, 1):
+        run_dir = root / run.name
+        state = _state(run_dir)
+        if args.dry_run or state == "done":
+            print(f"[{i}/{len(runs)}] {run.name}: {state}")
+            if state == "done" and not args.dry_run:
+                _collect(spec, run, run_dir)
+            continue
+        if args.max_minutes is not None and time.time() - start > 60 * args.max_minutes:
+            print(f"svdadapt sweep: {args.max_minutes:g} minutes used; run the same command again to continue")
+            _report(spec)
+            return 0
+        sets = [x for k, v in run.overrides for x in ("--set", f"{k}={json.dumps(v)}")]
+        mode = ["--resume"] if state == "resume" else ["--overwrite"]
+        cmd = [sys.executable, "-m", "svdadapt", "train", spec["recipe"], *sets, "--output-dir", str(run_dir), *mode]
+        print(f"[{i}/{len(runs)}] {run.name}: {state} -> {' '.join(cmd[2:])}", flush=True)
+        if subprocess.run(cmd).returncode != 0 or not (run_dir / "metrics.json").is_file():
+            failed.append(run.name)
+            continue
+        _collect(spec, run, run_dir)
+    if not args.dry_run:
+        _report(spec)
+    if failed:
+        print(f"svdadapt sweep: {len(failed)} runs failed: {failed}", file=sys.stderr)
+        return 1
+    print("svdadapt sweep: all done" if not args.dry_run else "")
+    return 0

@@ -1,0 +1,61 @@
+"""`svdadapt sweep`: a grid of variants runs once, labels its results, skips finished runs, reports."""
+
+import json
+
+import pytest
+import yaml
+from test_train import roberta_dir, roberta_recipe  # noqa: F401  (a fixture and its recipe)
+
+from svdadapt.recipe import dump_recipe
+from svdadapt.sweep import cli, read_sweep
+
+
+def test_sweep_runs_each_variant_once_and_reports(roberta_dir, tmp_path, capsys, monkeypatch):  # noqa: F811
+    monkeypatch.chdir(tmp_path)
+    base = tmp_path / "base.yaml"
+    base.write_text(
+        dump_recipe(roberta_recipe(roberta_dir, tmp_path / "unused", max_steps=3, eval_strategy="steps", eval_steps=3))
+    )
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(
+        yaml.safe_dump(
+            {
+                "recipe": str(base),
+                "output_root": "runs",
+                "results": "results",
+                "variants": {
+                    "edora": {"adapter.method": "edora"},
+                    "lora_fast": {"adapter.method": "lora", "training.learning_rate": 1e-2},
+                },
+                "grid": {"training.seed,adapter.seed": [0]},
+            }
+        )
+    )
+    assert cli([str(sweep)]) == 0
+    runs = sorted(p.parent.name for p in (tmp_path / "results" / "runs").glob("*/metrics.json"))
+    assert runs == ["edora-0", "lora_fast-0"]
+    edora = json.loads((tmp_path / "results" / "runs" / "edora-0" / "metrics.json").read_text())
+    assert edora["label"] == "edora" and edora["train_steps"] == 3
+    assert edora["magnitude_change"]["median"] > 0 and edora["magnitude_change"]["layers"] == 6
+    lora = json.loads((tmp_path / "results" / "runs" / "lora_fast-0" / "metrics.json").read_text())
+    assert lora["method"] == "lora" and lora["magnitude_change"] is None
+    report = (tmp_path / "results" / "report.md").read_text()
+    assert "| edora |" in report and "| lora_fast |" in report and "‖Δm‖/‖m₀‖" in report
+    capsys.readouterr()
+    assert cli([str(sweep)]) == 0  # finished runs are skipped, not trained again
+    out = capsys.readouterr().out
+    assert "edora-0: done" in out and "lora_fast-0: done" in out and "train" not in out.replace("train_", "")
+
+
+def test_sweep_file_errors_name_the_key(tmp_path):
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump({"recipe": "r.yaml", "output_root": "o", "results": "r", "variants": {"a": {}}, "grids": {}}))
+    with pytest.raises(ValueError, match=r"unknown keys \['grids'\]"):
+        read_sweep(f)
+    f.write_text(
+        yaml.safe_dump({"recipe": "r.yaml", "output_root": "o", "results": "r", "variants": {"a": {}}, "grid": {"x": []}})
+    )
+    with pytest.raises(ValueError, match="non-empty list"):
+        read_sweep(f)
+    with pytest.raises(ValueError, match="does not exist"):
+        read_sweep(tmp_path / "nope.yaml")
