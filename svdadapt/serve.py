@@ -261,14 +261,26 @@ def _timed(fn, repeats: int) -> list[float]:
     return out
 
 
-def benchmark_bank(quick: bool = False) -> dict:
+def benchmark_bank(quick: bool = False, threads: int | None = 1) -> dict:
     """Throughput of a bank serving a batch whose every sequence has its own adapter, vs the base alone.
 
     Full: a Llama with 4 layers, hidden 512, 1,000 edora adapters (r = 16, all linear layers), a batch
     of 32 sequences of 128 tokens, each with a different adapter. Quick: 2 layers, hidden 128, 100
     adapters, 8 sequences of 32 tokens. Forward passes (prefill) in float32 under inference_mode,
-    bank and base timed alternately; the ratio is of median times.
+    bank and base timed alternately; the ratio is of median times. `threads` sets torch's CPU
+    threads for the run (restored after; None keeps the current number): one thread by default, as
+    on a shared machine OpenMP barriers stall on busy cores and time the scheduler, not the method.
     """
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _benchmark(quick)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _benchmark(quick: bool) -> dict:
     import transformers
 
     hidden, layers, n, batch, seq, r = (128, 2, 100, 8, 32, 16) if quick else (512, 4, 1000, 32, 128, 16)
