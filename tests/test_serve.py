@@ -151,3 +151,20 @@ def test_benchmark_bank_quick_reports_figures():
     assert res["adapters"] == 100 and res["distinct_adapters_in_batch"] == res["batch"]
     assert res["bytes_per_adapter"] == res["expected_bytes_per_adapter"] < res["lora_bytes_per_adapter"]
     assert res["throughput_ratio"] > 0
+
+
+def test_bank_on_nf4_base_equals_adapter_alone():
+    pytest.importorskip("bitsandbytes")
+    from svdadapt.quant import quantize_model
+
+    alone = quantize_model(_base(), "nf4", _config())  # edora on the quantized base
+    gen = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for _, layer in svdadapt.adapter_layers(alone):
+            layer.lora_R.copy_(torch.randn(layer.lora_R.shape, generator=gen) * 0.3)
+            layer.magnitude.mul_(1 + 0.2 * torch.randn(layer.magnitude.shape, generator=gen))
+    bank = AdapterBank(quantize_model(_base(), "nf4"), _config()).eval()
+    bank.add("q", alone)
+    ids = _ids(2)
+    with torch.no_grad():
+        torch.testing.assert_close(bank(ids, ["q", "q"]).logits, alone.eval()(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
