@@ -46,6 +46,7 @@ class _Routing:
     """The adapter slot of every sequence of the batch being run, shared by all bank layers."""
 
     index: torch.Tensor | None = None
+    version: int = 0  # bumped on every bank call: within one call a layer gathers its R, g once
 
 
 class BankLayer(nn.Module):
@@ -65,6 +66,7 @@ class BankLayer(nn.Module):
             self.register_buffer(key, getattr(layer, key), persistent=False)
         self.register_buffer("R", torch.zeros(1, self.r, self.r, dtype=dtype, device=a.device))  # slot 0: the base model
         self.register_buffer("g", torch.ones(1, self.out_features, dtype=dtype, device=a.device))
+        self._sel_key, self._sel = None, None
 
     @torch.no_grad()
     def scale_for(self, r_mat: torch.Tensor, magnitude: torch.Tensor | None) -> torch.Tensor:
@@ -84,23 +86,30 @@ class BankLayer(nn.Module):
         self.R[slot] = r_mat.to(self.R)
         self.g[slot] = g.to(self.g)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(batch, ..., in) -> (batch, ..., out); sequence b uses slot `routing.index[b]`."""
-        idx = self.routing.index
+    def _selected(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """R[idx]ᵀ (batch, r, r) and g[idx] (batch, 1, out) of this call, gathered once per bank call."""
+        idx, key = self.routing.index, (self.routing.version, batch)
         if idx is None:
             raise RuntimeError("BankLayer called outside AdapterBank: call the bank, not the wrapped model")
-        if x.shape[0] != idx.shape[0]:  # generate() expanded the batch (beams, several samples per prompt)
-            if x.shape[0] % idx.shape[0]:
-                raise ValueError(
-                    f"batch of {x.shape[0]} sequences but {idx.shape[0]} adapter_ids; give one adapter id per sequence"
-                )
-            idx = idx.repeat_interleave(x.shape[0] // idx.shape[0])
+        if self._sel_key != key:
+            if batch != idx.shape[0]:  # generate() expanded the batch (beams, several samples per prompt)
+                if batch % idx.shape[0]:
+                    raise ValueError(
+                        f"batch of {batch} sequences but {idx.shape[0]} adapter_ids; give one adapter id per sequence"
+                    )
+                idx = idx.repeat_interleave(batch // idx.shape[0])
+            self._sel_key, self._sel = key, (self.R[idx].transpose(1, 2), self.g[idx].unsqueeze(1))
+        return self._sel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(batch, ..., in) -> (batch, ..., out); sequence b uses slot `routing.index[b]`."""
         batch, shape = x.shape[0], x.shape
+        rt, g = self._selected(batch)
         y = self.kind.forward(self.base_layer, x, bias=False)  # (batch, ..., out)
         h = F.linear(x.to(self.A.dtype), self.A).reshape(batch, -1, self.r)  # (batch, T, r)
-        h = torch.bmm(h, self.R[idx].transpose(1, 2))  # (batch, T, r): each sequence its own R
+        h = torch.bmm(h, rt)  # (batch, T, r): each sequence its own R
         y = torch.addmm(y.reshape(-1, self.out_features), h.reshape(-1, self.r).to(y.dtype), self.sBT.to(y.dtype))
-        y = y.view(batch, -1, self.out_features).mul_(self.g[idx].to(y.dtype).unsqueeze(1))  # (batch, T, out)
+        y = y.view(batch, -1, self.out_features).mul_(g.to(y.dtype))  # (batch, T, out)
         bias = getattr(self.base_layer, "bias", None)
         if bias is not None:
             y = y.add_(bias.to(y.dtype))
@@ -235,10 +244,13 @@ class AdapterBank(nn.Module):
 
     def _run(self, fn, input_ids, adapter_ids, **kwargs):
         self.routing.index = self._index(list(adapter_ids), input_ids.shape[0])
+        self.routing.version += 1
         try:
             return fn(input_ids=input_ids, **kwargs)
         finally:
             self.routing.index = None
+            for layer in self.layers.values():
+                layer._sel_key = layer._sel = None  # drop the gathered tensors
 
     def forward(self, input_ids: torch.Tensor, adapter_ids, **kwargs):
         """The base model's forward; sequence b runs with adapter `adapter_ids[b]` (None: no adapter)."""
@@ -266,10 +278,12 @@ def benchmark_bank(quick: bool = False, threads: int | None = 1) -> dict:
 
     Full: a Llama with 4 layers, hidden 512, 1,000 edora adapters (r = 16, all linear layers), a batch
     of 32 sequences of 128 tokens, each with a different adapter. Quick: 2 layers, hidden 128, 100
-    adapters, 8 sequences of 32 tokens. Forward passes (prefill) in float32 under inference_mode,
-    bank and base timed alternately; the ratio is of median times. `threads` sets torch's CPU
-    threads for the run (restored after; None keeps the current number): one thread by default, as
-    on a shared machine OpenMP barriers stall on busy cores and time the scheduler, not the method.
+    adapters, 8 sequences of 32 tokens. Float32 under inference_mode. Prefill: one forward over the
+    batch, bank and base timed alternately 7 (quick: 5) times each. Decoding: greedy generation of 32
+    (quick: 8) new tokens from 8-token prompts, 3 times each. Ratios are of the fastest runs (on a
+    shared machine, the run least disturbed by other work). `threads` sets torch's CPU threads for the
+    run (restored after; None keeps the current number): one by default, because on a shared machine
+    OpenMP barriers stall on busy cores and then time the scheduler, not the method.
     """
     before = torch.get_num_threads()
     if threads is not None:
@@ -313,10 +327,15 @@ def _benchmark(quick: bool) -> dict:
     with torch.inference_mode():
         bank(ids, names), base(input_ids=ids)  # warm up
         base_t, bank_t = [], []
-        for _ in range(3 if quick else 5):
+        for _ in range(5 if quick else 7):
             base_t += _timed(lambda: base(input_ids=ids), 1)
             bank_t += _timed(lambda: bank(ids, names), 1)
-    base_s, bank_s = sorted(base_t)[len(base_t) // 2], sorted(bank_t)[len(bank_t) // 2]
+    base_s, bank_s = min(base_t), min(bank_t)
+    prompt, new = ids[:, :8], 8 if quick else 32  # decoding: one token per sequence per step, KV cache
+    kw = {"max_new_tokens": new, "min_new_tokens": new, "do_sample": False, "pad_token_id": 0}
+    with torch.inference_mode():
+        base_d = min(_timed(lambda: base.generate(prompt, **kw), 3))
+        bank_d = min(_timed(lambda: bank.generate(prompt, names, **kw), 3))
     shapes = [(lyr.out_features, lyr.A.shape[1]) for lyr in bank.layers.values()]
     value_bytes = next(iter(bank.layers.values())).R.element_size()
     lora_values = sum(r * (o + i) for o, i in shapes)
@@ -331,6 +350,10 @@ def _benchmark(quick: bool) -> dict:
         "base_tokens_per_s": batch * seq / base_s,
         "bank_tokens_per_s": batch * seq / bank_s,
         "throughput_ratio": base_s / bank_s,
+        "decode_new_tokens": new,
+        "base_decode_tokens_per_s": batch * new / base_d,
+        "bank_decode_tokens_per_s": batch * new / bank_d,
+        "decode_throughput_ratio": base_d / bank_d,
         "bytes_per_adapter": bank.bytes_per_adapter(),
         "expected_bytes_per_adapter": sum(r * r + o for o, _ in shapes) * value_bytes,
         "lora_bytes_per_adapter": lora_values * value_bytes,
