@@ -264,13 +264,20 @@ class AdapterBank(nn.Module):
 # --- benchmark -----------------------------------------------------------------------------
 
 
-def _timed(fn, repeats: int) -> list[float]:
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return out
+def _paired(base_fn, bank_fn, pairs: int) -> tuple[float, float, float]:
+    """Median base time, median bank time, and median of the per-pair ratios base/bank.
+
+    Each pair runs both back to back (in alternating order), so a burst of load from other work hits
+    both runs of a pair; the median over pairs discards the pairs it hit unevenly.
+    """
+    base_t, bank_t = [], []
+    for k in range(pairs):
+        for fn, out in ((base_fn, base_t), (bank_fn, bank_t))[:: 1 if k % 2 == 0 else -1]:
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0)
+    ratios = sorted(tb / tk for tb, tk in zip(base_t, bank_t))
+    return sorted(base_t)[pairs // 2], sorted(bank_t)[pairs // 2], ratios[pairs // 2]
 
 
 def benchmark_bank(quick: bool = False, threads: int | None = 1) -> dict:
@@ -279,11 +286,11 @@ def benchmark_bank(quick: bool = False, threads: int | None = 1) -> dict:
     Full: a Llama with 4 layers, hidden 512, 1,000 edora adapters (r = 16, all linear layers), a batch
     of 32 sequences of 128 tokens, each with a different adapter. Quick: 2 layers, hidden 128, 100
     adapters, 8 sequences of 32 tokens. Float32 under inference_mode. Prefill: one forward over the
-    batch, bank and base timed alternately 7 (quick: 5) times each. Decoding: greedy generation of 32
-    (quick: 8) new tokens from 8-token prompts, 3 times each. Ratios are of the fastest runs (on a
-    shared machine, the run least disturbed by other work). `threads` sets torch's CPU threads for the
-    run (restored after; None keeps the current number): one by default, because on a shared machine
-    OpenMP barriers stall on busy cores and then time the scheduler, not the method.
+    batch, 9 (quick: 5) pairs of base and bank runs. Decoding: greedy generation of 32 (quick: 8) new
+    tokens from 8-token prompts, 5 pairs. Ratios are medians of per-pair ratios; tokens/s come from
+    median times. `threads` sets torch's CPU threads for the run (restored after; None keeps the
+    current number): one by default, because on a shared machine OpenMP barriers stall on busy cores
+    and then time the scheduler, not the method.
     """
     before = torch.get_num_threads()
     if threads is not None:
@@ -326,16 +333,10 @@ def _benchmark(quick: bool) -> dict:
     names = [f"adapter-{i * (n // batch)}" for i in range(batch)]
     with torch.inference_mode():
         bank(ids, names), base(input_ids=ids)  # warm up
-        base_t, bank_t = [], []
-        for _ in range(5 if quick else 7):
-            base_t += _timed(lambda: base(input_ids=ids), 1)
-            bank_t += _timed(lambda: bank(ids, names), 1)
-    base_s, bank_s = min(base_t), min(bank_t)
-    prompt, new = ids[:, :8], 8 if quick else 32  # decoding: one token per sequence per step, KV cache
-    kw = {"max_new_tokens": new, "min_new_tokens": new, "do_sample": False, "pad_token_id": 0}
-    with torch.inference_mode():
-        base_d = min(_timed(lambda: base.generate(prompt, **kw), 3))
-        bank_d = min(_timed(lambda: bank.generate(prompt, names, **kw), 3))
+        base_s, bank_s, ratio = _paired(lambda: base(input_ids=ids), lambda: bank(ids, names), 5 if quick else 9)
+        prompt, new = ids[:, :8], 8 if quick else 32  # decoding: one token per sequence per step, KV cache
+        kw = {"max_new_tokens": new, "min_new_tokens": new, "do_sample": False, "pad_token_id": 0}
+        base_d, bank_d, decode_ratio = _paired(lambda: base.generate(prompt, **kw), lambda: bank.generate(prompt, names, **kw), 5)
     shapes = [(lyr.out_features, lyr.A.shape[1]) for lyr in bank.layers.values()]
     value_bytes = next(iter(bank.layers.values())).R.element_size()
     lora_values = sum(r * (o + i) for o, i in shapes)
@@ -349,11 +350,11 @@ def _benchmark(quick: bool) -> dict:
         "distinct_adapters_in_batch": len(set(names)),
         "base_tokens_per_s": batch * seq / base_s,
         "bank_tokens_per_s": batch * seq / bank_s,
-        "throughput_ratio": base_s / bank_s,
+        "throughput_ratio": ratio,
         "decode_new_tokens": new,
         "base_decode_tokens_per_s": batch * new / base_d,
         "bank_decode_tokens_per_s": batch * new / bank_d,
-        "decode_throughput_ratio": base_d / bank_d,
+        "decode_throughput_ratio": decode_ratio,
         "bytes_per_adapter": bank.bytes_per_adapter(),
         "expected_bytes_per_adapter": sum(r * r + o for o, _ in shapes) * value_bytes,
         "lora_bytes_per_adapter": lora_values * value_bytes,
