@@ -3,10 +3,10 @@
 __version__ = "0.1.0"
 
 from svdadapt.config import AdapterConfig
+from svdadapt.io import export_peft, load_adapter, save_adapter
 from svdadapt.layer import AdapterLayer, register_base_kind
 from svdadapt.methods import Factors, InitContext, methods, register_method
 from svdadapt.model import adapter_layers, apply, merge, trainable_parameters
-from svdadapt.io import export_peft, load_adapter, save_adapter
 
 __all__ = [
     "AdapterConfig",

@@ -1,10 +1,10 @@
 """The `svdadapt` command: `svdadapt SUBCOMMAND --help` for each.
 
-    svdadapt train recipes/quickstart.yaml
-    svdadapt eval --model PATH --adapter DIR --tasks gsm8k,mmlu --data-dir ../shared/data
-    svdadapt count --model config.json --method edora --r 16 --targets q_proj,v_proj
-    svdadapt report runs/a runs/b
-    svdadapt bench --quick
+svdadapt train recipes/quickstart.yaml
+svdadapt eval --model PATH --adapter DIR --tasks gsm8k,mmlu --data-dir ../shared/data
+svdadapt count --model config.json --method edora --r 16 --targets q_proj,v_proj
+svdadapt report runs/a runs/b
+svdadapt bench --quick
 """
 
 from __future__ import annotations

@@ -72,13 +72,23 @@ class AdapterConfig:
         get_method(self.method)  # raises with the registered names
         _check(isinstance(self.r, int) and not isinstance(self.r, bool) and self.r > 0, "r", self.r, "a positive integer")
         if self.alpha is not None:
-            _check(_is_real(self.alpha) and self.alpha > 0, "alpha", self.alpha, "a positive number, or None for the method's default")
+            _check(
+                _is_real(self.alpha) and self.alpha > 0,
+                "alpha",
+                self.alpha,
+                "a positive number, or None for the method's default",
+            )
         _check(_is_real(self.dropout) and 0 <= self.dropout < 1, "dropout", self.dropout, "a probability in [0, 1)")
         _check(_is_real(self.sigma) and self.sigma >= 0, "sigma", self.sigma, "a standard deviation >= 0")
         for name, allowed in _CHOICES.items():
             value = getattr(self, name)
             _check(value in allowed, name, value, f"one of {list(allowed)}")
-        _check(isinstance(self.svd_oversample, int) and self.svd_oversample >= 0, "svd_oversample", self.svd_oversample, "an integer >= 0")
+        _check(
+            isinstance(self.svd_oversample, int) and self.svd_oversample >= 0,
+            "svd_oversample",
+            self.svd_oversample,
+            "an integer >= 0",
+        )
         _check(isinstance(self.svd_niter, int) and self.svd_niter >= 0, "svd_niter", self.svd_niter, "an integer >= 0")
         _check(isinstance(self.seed, int), "seed", self.seed, "an integer")
         tm = self.target_modules
@@ -123,7 +133,8 @@ class AdapterConfig:
             )
         if "method" not in d:
             raise ValueError(f"{source}: the key 'method' is required (one of the registered methods)")
-        return cls(**{k: v for k, v in d.items() if k in names})
+        kept = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names}
+        return cls(**kept)
 
 
 def _is_real(x) -> bool:

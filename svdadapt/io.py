@@ -119,7 +119,9 @@ def read_adapter(directory: str | os.PathLike) -> tuple[dict, AdapterConfig, dic
         if key not in meta:
             raise ValueError(f"{d / CONFIG_FILE} has no {key!r} entry: it was not written by svdadapt.save_adapter")
     if meta.get("format", FORMAT) > FORMAT:
-        raise ValueError(f"{d / CONFIG_FILE} has format {meta['format']} from svdadapt {meta.get('svdadapt_version')}; upgrade svdadapt to read it")
+        raise ValueError(
+            f"{d / CONFIG_FILE} has format {meta['format']} from svdadapt {meta.get('svdadapt_version')}; upgrade svdadapt to read it"
+        )
     cfg = AdapterConfig.from_dict(meta["config"], source=str(d / CONFIG_FILE))
     try:
         tensors = load_file(str(d / WEIGHTS_FILE))
@@ -154,27 +156,36 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, *, check_finger
     targets = dict(find_targets(model, cfg))
     saved = meta["layers"]
     if missing := sorted(set(saved) - set(targets)):
-        raise ValueError(f"{d}: the adapter wraps layers the model does not have or does not target: {missing[:5]}; is this the right base model?")
+        raise ValueError(
+            f"{d}: the adapter wraps layers the model does not have or does not target: {missing[:5]}; is this the right base model?"
+        )
     if extra := sorted(set(targets) - set(saved)):
         raise ValueError(f"{d}: the model has target layers the adapter lacks: {extra[:5]}; is this the right base model?")
     from svdadapt.layer import base_kind
 
-    for name, module in targets.items():
+    for name, module in targets.items():  # shapes first: the cheaper and clearer mismatch
+        with _gathered(module, modify=False):
+            shape = tuple(base_kind(module).weight(module).shape)
+        if list(shape) != list(saved[name]["shape"]):
+            raise ValueError(
+                f"{d}: layer {name!r} has shape {shape} in the model but {tuple(saved[name]['shape'])} in the adapter; wrong base model"
+            )
+    for name, module in targets.items() if check_fingerprint else ():
         with _gathered(module, modify=False):
             w = base_kind(module).weight(module)
-            if list(w.shape) != list(saved[name]["shape"]):
-                raise ValueError(f"{d}: layer {name!r} has shape {tuple(w.shape)} in the model but {tuple(saved[name]['shape'])} in the adapter; wrong base model")
             want = saved[name].get("fingerprint")
-            if check_fingerprint and want and fingerprint(w) != want:
+            if want and fingerprint(w) != want:
                 raise ValueError(
-                    f"{d}: layer {name!r}'s base weight differs from the one the adapter was trained on "
-                    f"(fingerprint mismatch; dtype here {w.dtype}). Load the same base model (and dtype), or pass check_fingerprint=False"
+                    f"{d}: the base weight of layer {name!r} differs from the one the adapter was trained on "
+                    f"(fingerprint mismatch; dtype here {w.dtype}). Load the same base model and dtype, or pass check_fingerprint=False"
                 )
     shapes = _expected_shapes(meta, cfg)
     keep = {f"{n}.{p}": q for n, m in _modules_to_save(model, cfg.modules_to_save) for p, q in m.named_parameters()}
     shapes.update({k: tuple(v.shape) for k, v in keep.items()})
     if missing := sorted(set(shapes) - set(tensors)):
-        raise ValueError(f"{d / WEIGHTS_FILE} lacks tensors {missing[:5]} ({len(missing)} in all); the file does not match its config")
+        raise ValueError(
+            f"{d / WEIGHTS_FILE} lacks tensors {missing[:5]} ({len(missing)} in all); the file does not match its config"
+        )
     for k, shape in shapes.items():
         if tuple(tensors[k].shape) != tuple(shape):
             raise ValueError(f"{d / WEIGHTS_FILE}: tensor {k!r} has shape {tuple(tensors[k].shape)}, expected {tuple(shape)}")
@@ -183,7 +194,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, *, check_finger
         for name, layer in adapter_layers(model):
             layer.base_fingerprint = saved[name].get("fingerprint")
             prefix = f"{name}."
-            layer.load_factors({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix) and k in shapes})
+            layer.load_factors({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix) and k in shapes})
         for k, p in keep.items():
             p.copy_(tensors[k])
     return model

@@ -158,7 +158,9 @@ class AdapterLayer(nn.Module):
     Adapter tensors are float32 (float64 for a float64 base), whatever the base's dtype.
     """
 
-    def __init__(self, base_layer: nn.Module, method: Method, r: int, scaling: float, dropout: float = 0.0, exact_norm: bool = False):
+    def __init__(
+        self, base_layer: nn.Module, method: Method, r: int, scaling: float, dropout: float = 0.0, exact_norm: bool = False
+    ):
         super().__init__()
         self.kind = base_kind(base_layer)
         self.base_layer = base_layer

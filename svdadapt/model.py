@@ -1,8 +1,8 @@
 """The model API: apply adapters to any `nn.Module`, count, merge.
 
-    model = svdadapt.apply(model, svdadapt.AdapterConfig(method="edora", r=16, target_modules=["q_proj", "v_proj"]))
-    print(svdadapt.trainable_parameters(model))
-    plain = svdadapt.merge(model)
+model = svdadapt.apply(model, svdadapt.AdapterConfig(method="edora", r=16, target_modules=["q_proj", "v_proj"]))
+print(svdadapt.trainable_parameters(model))
+plain = svdadapt.merge(model)
 """
 
 from __future__ import annotations
@@ -42,6 +42,12 @@ def _matches(name: str, suffixes) -> bool:
     return any(name == s or name.endswith("." + s) for s in suffixes)
 
 
+def _inside(name: str, suffixes) -> bool:
+    """Whether `name` or one of its ancestors matches a suffix."""
+    parts = name.split(".")
+    return any(_matches(".".join(parts[:i]), suffixes) for i in range(1, len(parts) + 1))
+
+
 def _output_heads(model: nn.Module) -> set[int]:
     heads = set()
     get = getattr(model, "get_output_embeddings", None)
@@ -58,7 +64,7 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[tuple[str, nn.
     heads = _output_heads(model)
     found = []
     for name, module in model.named_modules():
-        if not name or _matches(name, keep):
+        if not name or _inside(name, keep):  # modules_to_save train in full: never wrapped
             continue
         if tm == "all-linear":
             hit = is_supported(module) and id(module) not in heads and name.rsplit(".", 1)[-1] not in _HEAD_NAMES
@@ -78,7 +84,7 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[tuple[str, nn.
         ends = sorted({n.rsplit(".", 1)[-1] for n in linear})
         raise ValueError(
             f"target_modules={tm!r} matches no supported layer of {type(model).__name__}. "
-            f"Supported layers end in: {ends[:20]}; e.g. {linear[:4]}. Pass suffixes like {ends[:2]} or \"all-linear\"."
+            f'Supported layers end in: {ends[:20]}; e.g. {linear[:4]}. Pass suffixes like {ends[:2]} or "all-linear".'
         )
     return found
 

@@ -5,7 +5,8 @@ float32 or float64 whatever the weight's dtype. Signs are canonical: the largest
 every left singular vector is positive, so one weight gives bit-identical factors on every run.
 
 The cache keys a decomposition by the weight's content hash, shape, dtype, solver and its settings;
-a request for rank r is served by any cached decomposition of rank >= r (its first r triplets).
+with the full solver a request for rank r is served by any cached decomposition of rank >= r (its
+first r triplets, bit-identical to a fresh rank-r one); a randomized one only at its own rank.
 """
 
 from __future__ import annotations
@@ -118,7 +119,7 @@ def truncated_svd(
     if cache is not None:
         key = weight_hash or fingerprint(weight)
         folder = cache / key[:2] / f"{key}-{settings.key()}"
-        hit = _lookup(folder, r)
+        hit = _lookup(folder, r, exact=settings.solver != "full")
         if hit is not None:
             return tuple(t.to(weight.device) for t in hit)
     u, sv, vh = _compute(weight.detach().to(dtype), r, settings)
@@ -127,12 +128,14 @@ def truncated_svd(
     return u, sv, vh
 
 
-def _lookup(folder: Path, r: int):
+def _lookup(folder: Path, r: int, exact: bool):
+    """Rank r from the cache. A full SVD's first r triplets are the rank-r SVD bit for bit; a
+    randomized one's are not (the sketch depends on the rank), so it is served at its own rank only."""
     if not folder.is_dir():
         return None
     ranks = sorted(int(p.stem[1:]) for p in folder.glob("r*.safetensors") if p.stem[1:].isdigit())
     for k in ranks:
-        if k >= r:
+        if k == r or (k > r and not exact):
             try:
                 t = load_file(str(folder / f"r{k}.safetensors"))
             except Exception:  # a damaged cache entry is recomputed, never trusted

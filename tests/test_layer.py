@@ -1,0 +1,299 @@
+"""The layer's invariants: output at init, the closed-form norm, the forward, peft parity, memory, errors."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+from memtrack import LargestTensor
+from torch import nn
+
+import svdadapt
+
+METHODS = ["lora", "dora", "pissa", "dude", "loraxs", "edora"]
+
+
+def wrap(method, out_f=24, in_f=40, r=4, bias=True, dtype=torch.float64, seed=0, **kw):
+    torch.manual_seed(seed)
+    lin = nn.Linear(in_f, out_f, bias=bias).to(dtype)
+    ref = nn.Linear(in_f, out_f, bias=bias).to(dtype)
+    ref.load_state_dict(lin.state_dict())
+    model = nn.Sequential(lin)
+    cfg = svdadapt.AdapterConfig(method=method, r=r, target_modules=["0"], svd_dtype="float64", **kw)
+    svdadapt.apply(model, cfg)
+    return model[0], ref
+
+
+def randomize(layer, scale=0.3, seed=1):
+    """Move every factor (frozen or not) away from its start value."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in layer.factors().values():
+            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
+    layer.refresh()
+
+
+def materialised(layer):
+    """V = W + s·B R A and g = m / ‖V‖_row, computed the obvious way."""
+    a, b = layer.lora_A, layer.lora_B
+    p = b if layer.lora_R is None else b @ layer.lora_R
+    v = layer.weight.to(a.dtype) + layer.scaling * p @ a
+    g = None if layer.magnitude is None else layer.magnitude / torch.linalg.norm(v, dim=1)
+    return v, g
+
+
+# --- 1. output at init ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "pissa", "dude"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_output_at_init_equals_base(method, dtype):
+    layer, ref = wrap(method, dtype=dtype)
+    x = torch.randn(7, 40, dtype=dtype)
+    tol = {torch.float32: 2e-5, torch.float64: 1e-12}[dtype]
+    torch.testing.assert_close(layer(x), ref(x), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("method", ["loraxs", "edora"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_frozen_basis_output_at_init_exact_when_sigma_is_zero(method, bias):
+    layer, ref = wrap(method, dtype=torch.float32, bias=bias, sigma=0.0)
+    x = torch.randn(7, 40)
+    if bias:  # (x Wᵀ)·1 + b against the fused addmm of nn.Linear: one rounding apart at most
+        torch.testing.assert_close(layer(x), ref(x), rtol=0, atol=4 * torch.finfo(torch.float32).eps * ref(x).abs().max().item())
+    else:
+        assert layer(x).equal(ref(x))
+
+
+@pytest.mark.parametrize("method", ["loraxs", "edora"])
+def test_frozen_basis_output_at_init_within_what_sigma_implies(method):
+    layer, ref = wrap(method, sigma=1e-5)
+    x = torch.randn(7, 40, dtype=torch.float64)
+    a, b, rr = layer.lora_A, layer.lora_B, layer.lora_R
+    op = torch.linalg.matrix_norm
+    # |s·B R A x| <= s ‖B‖₂ ‖R‖₂ ‖A‖₂ ‖x‖, and g − 1 = O(that) as well
+    bound = layer.scaling * op(b, 2) * op(rr, 2) * op(a, 2) * x.norm(dim=1, keepdim=True)
+    dev = (layer(x) - ref(x)).abs()
+    assert dev.max() > 0
+    g = layer.scale()
+    extra = 0 if g is None else (g - 1).abs().max() * (x @ layer.weight.T).abs()
+    assert (dev <= 1.01 * bound + extra).all()
+    assert bound.max() < 1e-2  # sigma = 1e-5 means a small start
+
+
+# --- 2. the closed-form norm and its gradients ----------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["edora", "loraxs", "dude", "dora"])
+def test_closed_form_norm_and_gradients_match_the_materialised_norm(method):
+    layer, _ = wrap(method, out_f=30, in_f=50, r=6)
+    randomize(layer)
+    for p in layer.factors().values():
+        p.requires_grad_(True)  # gradients of every factor, frozen ones included
+    c = torch.randn(30, dtype=torch.float64)
+    (layer.row_norm() * c).sum().backward()
+    # frozen A (edora, loraxs) is served from the cache, so the norm is a function of B and R only
+    got = {k: p.grad.clone() for k, p in layer.factors().items() if p.grad is not None}
+    assert set(layer.method.trainable) - {"magnitude"} <= set(got)
+    for p in layer.factors().values():
+        p.grad = None
+    v, _ = materialised(layer)
+    n_ref = torch.linalg.norm(v, dim=1)
+    torch.testing.assert_close(layer.row_norm(), n_ref, rtol=1e-12, atol=0)
+    (n_ref * c).sum().backward()
+    for k, p in layer.factors().items():
+        if k in got:
+            torch.testing.assert_close(got[k], p.grad, rtol=1e-10, atol=1e-12, msg=f"d n / d {k}")
+
+
+# --- 3. the forward against a materialised computation --------------------------------------
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("bias", [True, False])
+def test_forward_equals_materialised_linear(method, bias):
+    layer, _ = wrap(method, bias=bias)
+    randomize(layer)
+    x = torch.randn(2, 5, 40, dtype=torch.float64)
+    v, g = materialised(layer)
+    w = v if g is None else g[:, None] * v
+    torch.testing.assert_close(layer(x), F.linear(x, w, layer.bias), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_merged_weight_equals_forward(method):
+    layer, _ = wrap(method)
+    randomize(layer)
+    x = torch.randn(6, 40, dtype=torch.float64)
+    torch.testing.assert_close(layer.merged_module()(x), layer(x), rtol=1e-12, atol=1e-12)
+
+
+def test_exact_norm_switch_changes_only_the_gradient():
+    det, _ = wrap("edora", norm="detached")
+    ex, _ = wrap("edora", norm="exact")
+    for lay in (det, ex):
+        randomize(lay)
+    x = torch.randn(5, 40, dtype=torch.float64)
+    torch.testing.assert_close(det(x), ex(x), rtol=0, atol=0)
+    det(x).sum().backward()
+    ex(x).sum().backward()
+    assert not torch.allclose(det.lora_R.grad, ex.lora_R.grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("method", ["dude", "edora"])
+def test_low_precision_base(method, dtype):
+    layer, ref = wrap(method, dtype=dtype, out_f=64, in_f=96, r=8)
+    assert layer.lora_A.dtype == torch.float32 and layer._w_sq.dtype == torch.float32  # norms in float32
+    x = torch.randn(4, 96, dtype=dtype)
+    y = layer(x)
+    assert y.dtype == dtype
+    torch.testing.assert_close(y.float(), ref(x).float(), rtol=0.05, atol=0.05)
+    y.float().sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in layer.factors().values() if p.requires_grad)
+
+
+# --- 5. parity with peft's DoRA + PiSSA ------------------------------------------------------
+
+
+def test_dude_agrees_with_peft_dora_pissa():
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(48, 40))
+    ours = nn.Sequential(nn.Linear(48, 40))
+    ours.load_state_dict(base.state_dict())
+    peft_model = get_peft_model(
+        base, LoraConfig(r=8, lora_alpha=8, target_modules=["0"], use_dora=True, init_lora_weights="pissa")
+    )
+    svdadapt.apply(ours, svdadapt.AdapterConfig(method="dude", r=8, target_modules=["0"]))
+    pl, ol = peft_model.base_model.model[0], ours[0]
+    x = torch.randn(10, 48)
+    # same start: residual, B A product, magnitude and output (SVD signs may differ per column)
+    torch.testing.assert_close(pl.base_layer.weight, ol.weight, rtol=0, atol=2e-5)
+    torch.testing.assert_close(
+        pl.lora_B["default"].weight @ pl.lora_A["default"].weight, ol.lora_B @ ol.lora_A, rtol=0, atol=2e-5
+    )
+    torch.testing.assert_close(pl.lora_magnitude_vector["default"].weight, ol.magnitude, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(peft_model(x), ours(x), rtol=1e-5, atol=1e-5)
+    # the same perturbation of B, A and m in both (copy ours into peft so the coordinates agree)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        pl.lora_A["default"].weight.copy_(ol.lora_A)
+        pl.lora_B["default"].weight.copy_(ol.lora_B)
+        for p_ours, p_peft in [
+            (ol.lora_A, pl.lora_A["default"].weight),
+            (ol.lora_B, pl.lora_B["default"].weight),
+            (ol.magnitude, pl.lora_magnitude_vector["default"].weight),
+        ]:
+            d = torch.randn(p_ours.shape, generator=g) * 0.2
+            p_ours.add_(d)
+            p_peft.add_(d)
+    torch.testing.assert_close(peft_model(x), ours(x), rtol=1e-5, atol=1e-5)
+
+
+# --- memory: never an (out, in) temporary ----------------------------------------------------
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("norm", ["detached", "exact"])
+def test_no_out_by_in_tensor_in_forward_or_backward(method, norm):
+    out_f, in_f, tokens = 192, 256, 16
+    layer, _ = wrap(method, out_f=out_f, in_f=in_f, r=8, dtype=torch.float32, norm=norm, dropout=0.1)
+    x = torch.randn(tokens, in_f, requires_grad=True)
+    with LargestTensor() as seen:
+        layer(x).square().sum().backward()
+    assert seen.numel < out_f * in_f // 4, f"{seen.op} made a tensor of {seen.numel} elements"
+    assert x.grad is not None
+
+
+_PEAK = textwrap.dedent(
+    """
+    import json, sys, torch, torch.nn.functional as F
+    from torch import nn
+    import svdadapt
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    which = sys.argv[1]
+    model = nn.Sequential(nn.Linear(4096, 4096))
+    svdadapt.apply(model, svdadapt.AdapterConfig(method="edora", r=16, target_modules=["0"], svd_solver="randomized", svd_cache_dir=""))
+    layer = model[0]
+    def materialising(x):  # what a DoRA that builds V every step does
+        v = layer.weight + layer.scaling * (layer.lora_B @ layer.lora_R) @ layer.lora_A
+        n = torch.linalg.norm(v, dim=1).detach()
+        return F.linear(x, (layer.magnitude / n)[:, None] * v, layer.bias)
+    step = layer if which == "svdadapt" else materialising
+    x = torch.randn(256, 4096, requires_grad=True)
+    step(x).sum().backward()  # warm-up: allocator and caches
+    def rss(key):
+        return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key)) * 1024
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = rss("VmRSS:")
+    step(x).sum().backward()
+    print(json.dumps({"peak": rss("VmHWM:") - before}))
+    """
+)
+
+
+def _peak(which):
+    out = subprocess.run([sys.executable, "-c", _PEAK, which], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak"]
+
+
+def test_edora_step_peak_memory_is_a_weight_below_a_materialising_step():
+    ours, naive = _peak("svdadapt"), _peak("materialising")
+    weight_bytes = 4096 * 4096 * 4
+    print(f"peak extra RSS of one step: svdadapt edora {ours / 2**20:.1f} MiB, materialising {naive / 2**20:.1f} MiB")
+    assert naive - ours >= weight_bytes
+
+
+# --- 8. bad input ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"r": 0}, r"AdapterConfig\.r=0 is invalid"),
+        ({"r": -3}, r"AdapterConfig\.r=-3 is invalid"),
+        ({"alpha": 0.0}, r"AdapterConfig\.alpha=0\.0 is invalid.*positive"),
+        ({"sigma": -1e-5}, r"AdapterConfig\.sigma=-1e-05 is invalid"),
+        ({"dropout": 1.0}, r"AdapterConfig\.dropout=1\.0"),
+        ({"singular_values_on": "C"}, r"singular_values_on='C'.*\['B', 'A'\]"),
+        ({"svd_solver": "lanczos"}, r"svd_solver='lanczos'.*\['full', 'randomized'\]"),
+        ({"norm": "approx"}, r"norm='approx'"),
+        ({"target_modules": []}, r"target_modules=\[\] is invalid"),
+    ],
+)
+def test_config_errors_name_the_field(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        svdadapt.AdapterConfig(method="edora", **kwargs)
+
+
+@pytest.mark.parametrize("r", [24, 30])
+def test_rank_too_large_names_the_module(r):
+    model = nn.Sequential(nn.Linear(40, 24))
+    with pytest.raises(ValueError, match=rf"r={r} is too large for module '0' of shape \(24, 40\).*below 24"):
+        svdadapt.apply(model, svdadapt.AdapterConfig(method="edora", r=r, target_modules=["0"]))
+    assert isinstance(model[0], nn.Linear)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weight_names_the_module_and_changes_nothing(bad):
+    model = nn.Sequential(nn.Linear(40, 24), nn.Linear(24, 24))
+    with torch.no_grad():
+        model[1].weight[3, 5] = bad
+    with pytest.raises(ValueError, match=r"module '1': its weight has NaN or Inf"):
+        svdadapt.apply(model, svdadapt.AdapterConfig(method="pissa", r=4, target_modules=["0", "1"]))
+    assert isinstance(model[0], nn.Linear) and model[0].weight.requires_grad  # untouched
+
+
+def test_unsupported_layer_lists_supported_types():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3))
+    with pytest.raises(
+        ValueError, match=r"module '0' of type Conv2d cannot be adapted; supported layer types: .*nn\.Linear.*Conv1D"
+    ):
+        svdadapt.apply(model, svdadapt.AdapterConfig(method="lora", r=2, target_modules=["0"]))

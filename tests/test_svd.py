@@ -1,0 +1,102 @@
+"""SVD: canonical signs, determinism, the cache, the randomized solver's error."""
+
+import pytest
+import torch
+
+from svdadapt import svd as S
+from svdadapt.svd import SVDSettings, truncated_svd
+
+
+def decaying(out_f=300, in_f=200, decay=0.9, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    u = torch.linalg.qr(torch.randn(out_f, in_f, generator=g, dtype=torch.float64)).Q
+    v = torch.linalg.qr(torch.randn(in_f, in_f, generator=g, dtype=torch.float64)).Q
+    s = decay ** torch.arange(in_f, dtype=torch.float64)
+    return (u * s) @ v.T
+
+
+@pytest.mark.parametrize("solver", ["full", "randomized"])
+def test_bit_identical_twice_and_canonical_signs(solver):
+    w = torch.randn(64, 48)
+    cfg = SVDSettings(solver=solver, cache_dir="")
+    a, b = truncated_svd(w, 8, cfg), truncated_svd(w.clone(), 8, cfg)
+    for x, y in zip(a, b):
+        assert x.equal(y)
+    u = a[0]
+    assert (u.gather(0, u.abs().argmax(0)[None]) > 0).all()  # largest entry of each left vector is positive
+
+
+def test_full_solver_matches_linalg_svd_up_to_sign():
+    w = torch.randn(50, 40, dtype=torch.float64)
+    u, s, vh = truncated_svd(w, 6, SVDSettings(dtype="float64", cache_dir=""))
+    u0, s0, vh0 = torch.linalg.svd(w, full_matrices=False)
+    torch.testing.assert_close(s, s0[:6], rtol=1e-12, atol=0)
+    torch.testing.assert_close(u @ torch.diag(s) @ vh, u0[:, :6] @ torch.diag(s0[:6]) @ vh0[:6], rtol=1e-10, atol=1e-12)
+
+
+def test_float64_requested_whatever_the_weight_dtype():
+    w = torch.randn(30, 20, dtype=torch.bfloat16)
+    u, s, vh = truncated_svd(w, 4, SVDSettings(dtype="float64", cache_dir=""))
+    assert u.dtype == s.dtype == vh.dtype == torch.float64
+
+
+def test_cache_hit_and_rank_served_from_a_larger_decomposition(tmp_path, monkeypatch):
+    calls = []
+    real = S._compute
+    monkeypatch.setattr(S, "_compute", lambda *a: calls.append(a[1]) or real(*a))
+    w = torch.randn(64, 48)
+    cfg = SVDSettings(cache_dir=str(tmp_path))
+    big = truncated_svd(w, 16, cfg)
+    again = truncated_svd(w, 16, cfg)
+    small = truncated_svd(w, 4, cfg)
+    assert calls == [16]  # computed once
+    for x, y in zip(big, again):
+        assert x.equal(y)
+    calls.clear()
+    fresh = truncated_svd(w, 4, SVDSettings(cache_dir=""))
+    for x, y in zip(small, fresh):  # first r of a cached rank-16 full SVD == a fresh rank-r one
+        assert x.equal(y)
+    truncated_svd(w + 1, 4, cfg)  # different content: a miss
+    truncated_svd(w, 4, SVDSettings(solver="randomized", cache_dir=str(tmp_path)))  # different solver: a miss
+    assert calls == [4, 4, 4]  # the uncached fresh one, then two misses
+
+
+def test_randomized_is_served_only_at_its_own_rank(tmp_path, monkeypatch):
+    """A rank-k randomized decomposition truncated to r is not the rank-r one: never mix them."""
+    calls = []
+    real = S._compute
+    monkeypatch.setattr(S, "_compute", lambda *a: calls.append(a[1]) or real(*a))
+    w = torch.randn(64, 48)
+    cfg = SVDSettings(solver="randomized", cache_dir=str(tmp_path))
+    truncated_svd(w, 16, cfg)
+    small = truncated_svd(w, 4, cfg)
+    assert calls == [16, 4]
+    for x, y in zip(small, truncated_svd(w, 4, SVDSettings(solver="randomized", cache_dir=""))):
+        assert x.equal(y)
+
+
+def test_damaged_cache_entry_is_recomputed(tmp_path):
+    w = torch.randn(20, 16)
+    cfg = SVDSettings(cache_dir=str(tmp_path))
+    first = truncated_svd(w, 4, cfg)
+    for f in tmp_path.rglob("*.safetensors"):
+        f.write_bytes(b"garbage")
+    for x, y in zip(first, truncated_svd(w, 4, cfg)):
+        assert x.equal(y)
+
+
+@pytest.mark.parametrize("decay", [0.9, 0.97])
+def test_randomized_error_against_full_is_reported(decay):
+    w = decaying(decay=decay)
+    r = 16
+    full = truncated_svd(w, r, SVDSettings(dtype="float64", cache_dir=""))
+    rand = truncated_svd(w, r, SVDSettings(solver="randomized", dtype="float64", cache_dir=""))
+    rec = [u @ torch.diag(s) @ vh for u, s, vh in (full, rand)]
+    err = ((rec[1] - rec[0]).norm() / rec[0].norm()).item()
+    print(f"randomized vs full SVD, top-{r} reconstruction, spectrum decay {decay}: relative error {err:.2e}")
+    assert err < 1e-2
+
+
+def test_rank_out_of_range():
+    with pytest.raises(ValueError, match=r"svd rank r=0 must be in \[1, 4\]"):
+        truncated_svd(torch.randn(4, 6), 0, SVDSettings(cache_dir=""))
