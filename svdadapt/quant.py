@@ -114,7 +114,7 @@ class Linear4bitKind:
         p = module.weight
         dtype = p.quant_state.dtype if p.bnb_quantized else p.dtype
         new = _bnb().nn.Params4bit(
-            w.detach().to("cpu", dtype).contiguous(),
+            w.detach().to(dtype).contiguous(),
             requires_grad=False,
             blocksize=p.blocksize,
             compress_statistics=p.compress_statistics,
@@ -203,7 +203,7 @@ class Linear8bitKind:
 
     @staticmethod
     def set_weight(module, w: torch.Tensor) -> None:
-        new = _bnb().nn.Int8Params(w.detach().to("cpu", torch.float16).contiguous(), requires_grad=False, has_fp16_weights=False)
+        new = _bnb().nn.Int8Params(w.detach().to(torch.float16).contiguous(), requires_grad=False, has_fp16_weights=False)
         module.weight = new._quantize(w.device)
         module.state.CB = module.state.SCB = None
 
@@ -289,15 +289,15 @@ def quantize_linear(linear: nn.Linear, quantization: str) -> nn.Module:
             device="meta",
         )
         q.weight = bnb.nn.Params4bit(
-            w.to("cpu").contiguous(), requires_grad=False, blocksize=64, compress_statistics=False, quant_type="nf4", module=q
+            w.contiguous(), requires_grad=False, blocksize=64, compress_statistics=False, quant_type="nf4", module=q
         )._quantize(w.device)
     else:
         q = bnb.nn.Linear8bitLt(
             linear.in_features, linear.out_features, bias=has_bias, has_fp16_weights=False, threshold=6.0, device="meta"
         )
-        q.weight = bnb.nn.Int8Params(
-            w.to("cpu", torch.float16).contiguous(), requires_grad=False, has_fp16_weights=False
-        )._quantize(w.device)
+        q.weight = bnb.nn.Int8Params(w.to(torch.float16).contiguous(), requires_grad=False, has_fp16_weights=False)._quantize(
+            w.device
+        )
     if has_bias:
         q.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
     q.train(linear.training)
