@@ -24,3 +24,6 @@ __all__ = [
     "save_adapter",
     "trainable_parameters",
 ]
+
+# registers the bitsandbytes layer kinds (imports no bitsandbytes itself)
+from svdadapt import quant  # noqa: E402, F401

@@ -255,10 +255,15 @@ class AdapterLayer(nn.Module):
     def row_norm(self) -> torch.Tensor:
         """n = ‖W + s·B R A‖_row in closed form, (out,), in the adapter's dtype."""
         p, a, s = self.direction(), self.lora_A, self.scaling
-        c = self._C if self._C is not None else weight_times_at(self.weight, a)
+        c = self._C if self._C is not None else self._weight_times_at(a)
         g = self._G if self._G is not None else a @ a.T
         n2 = self._w_sq + 2 * s * (c * p).sum(1) + s * s * ((p @ g) * p).sum(1)
         return n2.clamp_min(torch.finfo(n2.dtype).tiny).sqrt()
+
+    def _weight_times_at(self, a: torch.Tensor) -> torch.Tensor:
+        """C = W Aᵀ (out, r); a kind with `weight_times_at(module, a)` (e.g. a quantized one) computes it itself."""
+        times = getattr(self.kind, "weight_times_at", None)
+        return times(self.base_layer, a) if times is not None else weight_times_at(self.weight, a)
 
     def scale(self) -> torch.Tensor | None:
         """g = m / n (out,), or None for methods without magnitude."""
