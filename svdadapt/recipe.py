@@ -45,6 +45,8 @@ class ModelSection:
         tokenizer: tokenizer location if not name_or_path.
         attn_implementation: e.g. "sdpa", "eager", "flash_attention_2"; None lets transformers choose.
         gradient_checkpointing: trade compute for activation memory.
+        quantization: "nf4" or "int8" to train on a bitsandbytes-quantized base (QDuDe, QEDoRA);
+            pissa/dude quantize the residual W0 − s·B A after a float32 SVD of W0. None: full precision.
     """
 
     name_or_path: str
@@ -55,9 +57,12 @@ class ModelSection:
     tokenizer: str | None = None
     attn_implementation: str | None = None
     gradient_checkpointing: bool = False
+    quantization: str | None = None
 
     def problems(self) -> list[str]:
-        return _choices(self, "model", dtype=DTYPES, task=MODEL_TASKS) + _positive(self, "model", "num_labels")
+        return _choices(self, "model", dtype=DTYPES, task=MODEL_TASKS, quantization=(None, "nf4", "int8")) + _positive(
+            self, "model", "num_labels"
+        )
 
 
 @dataclass(frozen=True)

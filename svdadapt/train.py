@@ -374,7 +374,12 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, callba
     model = load_model(recipe, tokenizer, num_labels=data.num_labels)
     if recipe.model.gradient_checkpointing:
         model.enable_input_require_grads()
-    apply(model, recipe.adapter, progress=args.process_index == 0)
+    if recipe.model.quantization:
+        from svdadapt.quant import prepare_quantized
+
+        prepare_quantized(model, recipe.adapter, recipe.model.quantization)
+    else:
+        apply(model, recipe.adapter, progress=args.process_index == 0)
     if any(hasattr(p, "ds_id") for p in model.parameters()):
         from deepspeed import zero
 

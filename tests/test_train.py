@@ -133,7 +133,7 @@ def _reloaded_matches(result, batch: dict, tokenizer) -> None:
 
 
 METRIC_KEYS = {"method", "r", "alpha", "task", "model", "trainable_params", "total_params", "train_time_s", "train_steps"}
-METRIC_KEYS |= {"log_history", "eval_history", "final", "before"}
+METRIC_KEYS |= {"log_history", "eval_history", "final", "before", "label", "magnitude_change"}
 
 
 @pytest.mark.parametrize("method", ["dude", "edora"])
@@ -151,6 +151,21 @@ def test_causal_lm_learns_and_adapter_reloads(llama_dir, tmp_path, method):
     batch = result.trainer.data_collator([result.trainer.eval_dataset[i] for i in range(4)])
     _reloaded_matches(result, {k: batch[k] for k in ("input_ids", "attention_mask")}, tok)
     assert [p.name for p in complete_checkpoints(tmp_path / "run")] == ["checkpoint-4", "checkpoint-8"]
+
+
+@pytest.mark.parametrize("method", ["dude", "edora"])
+def test_quantized_base_from_the_recipe(llama_dir, tmp_path, method):
+    pytest.importorskip("bitsandbytes")
+    from svdadapt.quant import is_quantized
+
+    recipe = llama_recipe(llama_dir, tmp_path / "run", method, learning_rate=1e-2 if method == "dude" else 5e-2, max_steps=6)
+    recipe = recipe_from_dict({**recipe.to_dict(), "model": {**recipe.to_dict()["model"], "quantization": "nf4"}})
+    result = run(recipe)
+    layers = svdadapt.adapter_layers(result.model)
+    assert layers and all(is_quantized(layer.base_layer) for _, layer in layers)
+    m = result.metrics
+    assert m["final"]["loss"] < m["before"]["loss"], (m["before"], m["final"])
+    assert m["magnitude_change"]["median"] > 0
 
 
 def test_glue_classifier_metrics_and_reload(roberta_dir, tmp_path):
