@@ -36,7 +36,9 @@ def test_sweep_runs_each_variant_once_and_reports(roberta_dir, tmp_path, capsys,
     assert runs == ["edora-0", "lora_fast-0"]
     edora = json.loads((tmp_path / "results" / "runs" / "edora-0" / "metrics.json").read_text())
     assert edora["label"] == "edora" and edora["train_steps"] == 3
-    assert edora["magnitude_change"]["median"] > 0 and edora["magnitude_change"]["layers"] == 6
+    assert (
+        edora["magnitude_change"]["median"] > 0 and edora["magnitude_change"]["layers"] == 8
+    )  # 2 layers x (query, value, two "output.dense")
     lora = json.loads((tmp_path / "results" / "runs" / "lora_fast-0" / "metrics.json").read_text())
     assert lora["method"] == "lora" and lora["magnitude_change"] is None
     report = (tmp_path / "results" / "report.md").read_text()
