@@ -329,7 +329,8 @@ class AdapterLayer(nn.Module):
 class _LayerStep(torch.autograd.Function):
     """Forward and backward of `AdapterLayer` in one node, for a plain float32/float64 base weight.
 
-    Saves x, the rank-r activations (N, r) and, with a magnitude, the pre-scale output ypre (N, out);
+    Saves what a LoRA saves (x and x Aᵀ, (N, r)) and, with a magnitude, the pre-scale output ypre (N, out)
+    and n (out,);
     backward is   grad_g = Σ_tokens grad ⊙ ypre,   grad_ypre = grad ⊙ g,   then the low-rank chain rule,
     and (norm="exact") the closed-form gradient of n through P = B R, C = W Aᵀ and G = A Aᵀ. It creates
     no (out, in) tensor and one (N, out) temporary in backward.
@@ -347,12 +348,15 @@ class _LayerStep(torch.autograd.Function):
         if m is None:
             if bias is not None:
                 y.add_(bias)
-            ctx.save_for_backward(x2, a, b, rr, h1, h)
+            ctx.save_for_backward(x2, a, b, rr, h1)
             return y.view(*x.shape[:-1], y.shape[-1])
-        n, c, p, pg = layer._norm_parts()
+        n, c, _, _ = layer._norm_parts()
         g = m / n  # (out,)
         out = y * g if bias is None else torch.addcmul(bias, y, g)
-        ctx.save_for_backward(x2, a, b, rr, h1, h, y, n, g, c, p, pg)
+        # saved beyond what a LoRA saves: ypre (N, out); n (out,) unless it is cheap to recompute (C cached);
+        # C only when exact and not cached
+        keep_c = layer.exact_norm and layer._C is None and ctx.needs_input_grad[1]
+        ctx.save_for_backward(x2, a, b, rr, h1, y, None if layer._C is not None else n, m, c if keep_c else None)
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
@@ -360,13 +364,16 @@ class _LayerStep(torch.autograd.Function):
     def backward(ctx, grad):
         layer, s = ctx.layer, ctx.layer.scaling
         need_x, need_a, need_b, need_r, need_m, need_bias, _ = ctx.needs_input_grad
-        x2, a, b, rr, h1, h, *rest = ctx.saved_tensors
+        x2, a, b, rr, h1, *rest = ctx.saved_tensors
+        h = h1 if rr is None else h1 @ rr.T  # (N, r), recomputed: cheaper than keeping it
         gy = grad.reshape(-1, grad.shape[-1])  # (N, out)
         grad_m = grad_bias = None
         if need_bias:
             grad_bias = gy.sum(0)
-        if rest:  # magnitude: y = g ⊙ ypre (+ bias)
-            ypre, n, g, c, p, pg = rest
+        if rest:  # magnitude: y = g ⊙ ypre (+ bias), g = m / n
+            ypre, n, m, c = rest
+            n = layer._norm_parts()[0] if n is None else n  # O(out·r²) from the cached C and G
+            g = m / n
             buf = gy * ypre
             grad_g = buf.sum(0)  # (out,)
             gpre = torch.mul(gy, g, out=buf)  # (N, out), reusing the temporary
@@ -382,7 +389,10 @@ class _LayerStep(torch.autograd.Function):
         if need_x:
             grad_x = (gpre @ layer.weight).addmm_(grad_h1, a).view(ctx.shape)
         if rest and layer.exact_norm:  # n² = ‖W‖² + 2s⟨C, P⟩ + s²⟨P G, P⟩, n through B, R and A
-            dn2 = (-grad_g * g / n) / (2 * n)  # (out,): d loss / d n², g = m / n
+            p = b if rr is None else b @ rr  # (out, r)
+            c = layer._C if c is None else c  # (out, r)
+            pg = p @ (layer._G if layer._G is not None else a @ a.T)
+            dn2 = (-grad_g * g / n) / (2 * n)  # (out,): d loss / d n²
             dp = (c + s * pg).mul_(2 * s * dn2[:, None])  # (out, r)
             if need_b:
                 grad_b = grad_b + (dp if rr is None else dp @ rr.T)
