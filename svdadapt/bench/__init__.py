@@ -148,6 +148,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--markdown", help="write the tables as Markdown to this file")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice, the core count)")
     p.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="layer/model timing clock: cpu = the process's CPU time (use with --threads 1 on a shared machine)",
+    )
+    p.add_argument(
         "--bf16",
         choices=("auto", "on", "off"),
         default="auto",
