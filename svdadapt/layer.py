@@ -277,6 +277,8 @@ class AdapterLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., in) -> (..., out)."""
+        if self._fused(x):  # one autograd node for the whole layer, exact gradients in closed form
+            return _LayerStep.apply(x, self.lora_A, self.lora_B, self.lora_R, self.magnitude, self.bias, self)
         g = self.scale()  # (out,) or None
         y = self.kind.forward(self.base_layer, x, bias=g is None)  # (..., out): x Wᵀ (+ bias)
         dt = y.dtype
@@ -291,6 +293,26 @@ class AdapterLayer(nn.Module):
         if bias is None:
             return y * g.to(dt)
         return torch.addcmul(bias.to(dt), y, g.to(dt))
+
+    def _fused(self, x: torch.Tensor) -> bool:
+        """Whether `_LayerStep` applies: a plain frozen weight in the adapter's dtype, no active dropout."""
+        w = self.weight
+        return (
+            self.kind in (LinearKind, Conv1DKind)
+            and w.dtype == x.dtype == self.lora_A.dtype
+            and not w.requires_grad
+            and not hasattr(w, "ds_id")  # ZeRO-3 partitions W between forward and backward: keep autograd's path
+            and (not self.training or isinstance(self.dropout, nn.Identity))
+        )
+
+    def _norm_parts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """n (out,) and the pieces its gradient needs: C = W Aᵀ, P = B R, P G (each (out, r)); no autograd."""
+        a, b, rr, s = self.lora_A.detach(), self.lora_B.detach(), self.lora_R, self.scaling
+        p = b if rr is None else b @ rr.detach()
+        c = self._C if self._C is not None else (a @ self.weight.T).T
+        pg = p @ (self._G if self._G is not None else a @ a.T)
+        n2 = self._w_sq + 2 * s * (c * p).sum(1) + s * s * (pg * p).sum(1)
+        return n2.clamp_min(torch.finfo(n2.dtype).tiny).sqrt(), c, p, pg
 
     # --- merge ---
 
@@ -308,6 +330,85 @@ class AdapterLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"method={self.method.name}, r={self.r}, scaling={self.scaling:g}, exact_norm={self.exact_norm}"
+
+
+class _LayerStep(torch.autograd.Function):
+    """Forward and backward of `AdapterLayer` in one node, for a plain float32/float64 base weight.
+
+    Saves what a LoRA saves (x and x Aᵀ, (N, r)) and, with a magnitude, the pre-scale output ypre (N, out)
+    and n (out,);
+    backward is   grad_g = Σ_tokens grad ⊙ ypre,   grad_ypre = grad ⊙ g,   then the low-rank chain rule,
+    and (norm="exact") the closed-form gradient of n through P = B R, C = W Aᵀ and G = A Aᵀ. It creates
+    no (out, in) tensor and one (N, out) temporary in backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, a, b, rr, m, bias, layer):
+        s, w = layer.scaling, layer.weight
+        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+        y = x2 @ w.T  # (N, out)
+        h1 = x2 @ a.T  # (N, r)
+        h = h1 if rr is None else h1 @ rr.T  # (N, r)
+        y.addmm_(h, b.T, alpha=s)  # ypre = x Wᵀ + s·h Bᵀ
+        ctx.layer, ctx.shape = layer, x.shape
+        if m is None:
+            if bias is not None:
+                y.add_(bias)
+            ctx.save_for_backward(x2, a, b, rr, h1)
+            return y.view(*x.shape[:-1], y.shape[-1])
+        n, c, _, _ = layer._norm_parts()
+        g = m / n  # (out,)
+        out = y * g if bias is None else torch.addcmul(bias, y, g)
+        # saved beyond what a LoRA saves: ypre (N, out); n (out,) unless it is cheap to recompute (C cached);
+        # C only when exact and not cached
+        keep_c = layer.exact_norm and layer._C is None and ctx.needs_input_grad[1]
+        ctx.save_for_backward(x2, a, b, rr, h1, y, None if layer._C is not None else n, m, c if keep_c else None)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        layer, s = ctx.layer, ctx.layer.scaling
+        need_x, need_a, need_b, need_r, need_m, need_bias, _ = ctx.needs_input_grad
+        x2, a, b, rr, h1, *rest = ctx.saved_tensors
+        h = h1 if rr is None else h1 @ rr.T  # (N, r), recomputed: cheaper than keeping it
+        gy = grad.reshape(-1, grad.shape[-1])  # (N, out)
+        grad_m = grad_bias = None
+        if need_bias:
+            grad_bias = gy.sum(0)
+        if rest:  # magnitude: y = g ⊙ ypre (+ bias), g = m / n
+            ypre, n, m, c = rest
+            n = layer._norm_parts()[0] if n is None else n  # O(out·r²) from the cached C and G
+            g = m / n
+            buf = gy * ypre
+            grad_g = buf.sum(0)  # (out,)
+            gpre = torch.mul(gy, g, out=buf)  # (N, out), reusing the temporary
+            grad_m = grad_g / n if need_m else None
+        else:
+            gpre = gy
+        grad_h = (gpre @ b).mul_(s)  # (N, r): d/dh of s·h Bᵀ
+        grad_b = (h.T @ gpre).T.mul_(s) if need_b else None  # (out, r)
+        grad_r = grad_h.T @ h1 if need_r else None
+        grad_h1 = grad_h if rr is None else grad_h @ rr
+        grad_a = grad_h1.T @ x2 if need_a else None  # (r, in)
+        grad_x = None
+        if need_x:
+            grad_x = (gpre @ layer.weight).addmm_(grad_h1, a).view(ctx.shape)
+        if rest and layer.exact_norm:  # n² = ‖W‖² + 2s⟨C, P⟩ + s²⟨P G, P⟩, n through B, R and A
+            p = b if rr is None else b @ rr  # (out, r)
+            c = layer._C if c is None else c  # (out, r)
+            pg = p @ (layer._G if layer._G is not None else a @ a.T)
+            dn2 = (-grad_g * g / n) / (2 * n)  # (out,): d loss / d n²
+            dp = (c + s * pg).mul_(2 * s * dn2[:, None])  # (out, r)
+            if need_b:
+                grad_b = grad_b + (dp if rr is None else dp @ rr.T)
+            if need_r:
+                grad_r = grad_r + b.T @ dp
+            if need_a:
+                dc = p * (2 * s * dn2[:, None])  # (out, r): d / d C, C = W Aᵀ
+                dg = p.T @ (p * (s * s * dn2[:, None]))  # (r, r): d / d G, G = A Aᵀ
+                grad_a = grad_a + dc.T @ layer.weight + (dg + dg.T) @ a
+        return grad_x, grad_a, grad_b, grad_r, grad_m, grad_bias, None
 
 
 def _row_sq(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -1,0 +1,218 @@
+"""`svdadapt bench`: speed and memory of the adapter layer, a model step and SVD init, against peft.
+
+    svdadapt bench --quick                                   # about a minute: one small setting of each suite
+    svdadapt bench --suite layer,model,init --output bench.json
+
+Suites: `layer` (one wrapped linear per method vs the frozen base layer and peft LoRA/DoRA), `model`
+(a training step of a small Llama), `init` (SVD initialisation of a Mistral-7B-shaped model, and the
+randomized solver's error), `bank` (serving many adapters, from `svdadapt.serve` when present).
+Every figure is a ratio to a reference measured in the same process; see `svdadapt.bench.common`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+SUITES = ("layer", "model", "init", "bank")
+DEFAULT = ("layer", "model", "init")
+
+
+def bank_suite(quick: bool) -> dict:
+    """`svdadapt.serve.benchmark_bank(quick)` if that module provides it, else a note that it is missing."""
+    try:
+        from svdadapt import serve
+    except ImportError:
+        return {"available": False, "reason": "svdadapt.serve is not installed in this version"}
+    fn = getattr(serve, "benchmark_bank", None)
+    if fn is None:
+        return {"available": False, "reason": "svdadapt.serve has no benchmark_bank"}
+    return {"available": True, "result": fn(quick)}
+
+
+def targets(result: dict) -> list[dict]:
+    """The project's speed and memory targets, each with the measured figure and whether it is met."""
+    out = []
+
+    def add(name, value, met):
+        out.append({"target": name, "value": value, "met": bool(met)})
+
+    layer = [r for r in result.get("layer", []) if r["dtype"] == "float32"]
+    for method, limit in (("edora", 1.05), ("loraxs", 1.05), ("dude", 1.25), ("dora", 1.25)):
+        rows = [r for r in layer if r["config"] == method]
+        if rows:
+            worst = max(rows, key=lambda r: r["time_ratio"])
+            where = f"{worst['shape']} T={worst['tokens']} r={worst['r']}"
+            add(f"layer {method} <= {limit}x base (worst: {where})", round(worst["time_ratio"], 3), worst["time_ratio"] <= limit)
+    dude = [r for r in layer if r["config"] == "dude" and "peft_dora_over" in r]
+    if dude:
+        worst = min(dude, key=lambda r: r["peft_dora_over"])
+        add(
+            f"peft DoRA / dude >= 1.3 (worst: {worst['shape']} T={worst['tokens']} r={worst['r']})",
+            round(worst["peft_dora_over"], 2),
+            worst["peft_dora_over"] >= 1.3,
+        )
+        small = [r for r in dude if r["tokens"] == 256 and r["r"] == 16]
+        if small:
+            low = min(r["peft_dora_over"] for r in small)
+            add("peft DoRA / dude >= 2.5 at 256 tokens, r=16", round(low, 2), low >= 2.5)
+    for row in result.get("model", []):
+        if row["config"] in ("edora", "dude"):
+            add(
+                f"model {row['config']} r={row['r']} peak <= peft LoRA + one (tokens x out) per layer",
+                round(row["peak_mib"], 1),
+                row["within_budget"],
+            )
+    init = result.get("init")
+    if init:
+        t = init["timing"]["svdadapt_randomized"]
+        add(
+            "randomized init of Mistral-7B shapes, r=16, <= 60 s" + (" (extrapolated)" if t["extrapolated"] else ""),
+            round(t["seconds"], 1),
+            t["seconds"] <= 60,
+        )
+        decay = [r for r in init["accuracy"]["rows"] if r["matrix"].startswith("power law")]
+        for row in decay:
+            add(f"randomized rel. error <= 1%: {row['matrix']}", round(row["rel_error"], 5), row["rel_error"] <= 0.01)
+    return out
+
+
+def render(result: dict) -> str:
+    """Markdown tables of a result (what `docs/benchmarks.md` shows)."""
+    from svdadapt.bench.common import table
+
+    parts = []
+    if result.get("layer"):
+        parts.append("### layer: forward + backward of one wrapped linear, ratio to the frozen base layer\n")
+        cols = [("shape", "out x in", ""), ("tokens", "tokens", ""), ("r", "r", ""), ("dtype", "dtype", ""), ("config", "config", ""),
+                ("ms", "ms", ".1f"), ("time_ratio", "time / base", ".3f"), ("peak_mib", "peak MiB", ".1f"),
+                ("peak_ratio", "peak / base", ".2f"), ("peft_dora_over", "peft DoRA / dude", ".2f")]  # fmt: skip
+        parts.append(table(result["layer"], cols))
+    if result.get("model"):
+        parts.append("\n### model: one training step (forward, backward, AdamW), ratio to peft LoRA\n")
+        cols = [("model", "model", ""), ("tokens", "tokens", ""), ("r", "r", ""), ("config", "config", ""), ("trainable", "trainable", ","),
+                ("ms", "ms", ".0f"), ("time_ratio", "time / peft LoRA", ".3f"), ("peak_mib", "peak MiB", ".1f"),
+                ("peak_ratio", "peak / peft LoRA", ".3f"), ("budget_mib", "budget MiB", ".1f"), ("within_budget", "within budget", "")]  # fmt: skip
+        parts.append(table(result["model"], cols))
+    if result.get("init"):
+        t = result["init"]["timing"]
+        rows = [{"solver": k, **v} for k, v in t.items() if isinstance(v, dict)]
+        parts.append(f"\n### init: SVD initialisation of every linear of a Mistral-7B-shaped model, r={t['r']}\n")
+        cols = [("solver", "solver", ""), ("seconds", "seconds (32 layers)", ".1f"), ("per_layer_s", "s / layer", ".2f"),
+                ("timed_layers", "layers timed", ""), ("extrapolated", "extrapolated", "")]  # fmt: skip
+        parts.append(table(rows, cols))
+        acc = result["init"]["accuracy"]
+        parts.append(f"\nrandomized solver (oversample={acc['oversample']}, niter={acc['niter']}), r={acc['r']}:\n")
+        cols = [
+            ("matrix", "matrix", ""),
+            ("rel_error", "rel. error of top-r reconstruction", ".5f"),
+            ("excess_residual", "excess residual", ".5f"),
+        ]
+        parts.append(table(acc["rows"], cols))
+    if "bank" in result:
+        bank = result["bank"]
+        parts.append("\n### bank\n")
+        parts.append(
+            "```\n" + json.dumps(bank, indent=1, default=str)[:4000] + "\n```"
+            if bank.get("available")
+            else f"unavailable: {bank['reason']}"
+        )
+    if result.get("targets"):
+        parts.append("\n### targets\n")
+        cols = [("target", "target", ""), ("value", "measured", ""), ("met", "met", "")]
+        parts.append(table(result["targets"], cols))
+    return "\n".join(parts) + "\n"
+
+
+def _load() -> list[float] | None:
+    try:
+        with open("/proc/loadavg") as f:
+            return [float(v) for v in f.read().split()[:3]]
+    except OSError:
+        return None
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="svdadapt bench", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--suite", default=",".join(DEFAULT), help=f"comma-separated suites from {list(SUITES)}, or 'all' (default: %(default)s)"
+    )
+    p.add_argument("--quick", action="store_true", help="a small subset of every suite (about a minute)")
+    p.add_argument("--output", help="write the full result as JSON to this file")
+    p.add_argument("--markdown", help="write the tables as Markdown to this file")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice, the core count)")
+    p.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="layer/model timing clock: cpu = the process's CPU time (use with --threads 1 on a shared machine)",
+    )
+    p.add_argument(
+        "--bf16",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="also time the layer suite in bfloat16: auto = where the CPU supports it",
+    )
+    return p
+
+
+def cli(argv: list[str]) -> int:
+    """Run the chosen suites, print their tables, and write JSON/Markdown if asked."""
+    args = _parser().parse_args(argv)
+    suites = SUITES if args.suite == "all" else tuple(s.strip() for s in args.suite.split(",") if s.strip())
+    bad = [s for s in suites if s not in SUITES]
+    if bad or not suites:
+        print(
+            f"svdadapt bench: --suite {args.suite!r} names unknown suites {bad}; choose from {list(SUITES)} or 'all'",
+            file=sys.stderr,
+        )
+        return 2
+    if args.threads is not None:
+        if args.threads < 1:
+            print(f"svdadapt bench: --threads {args.threads} must be a positive integer", file=sys.stderr)
+            return 2
+        torch.set_num_threads(args.threads)
+    from svdadapt.bench import common
+
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # progress to stderr, tables to stdout
+    result: dict = {
+        "command": "svdadapt bench " + " ".join(argv),
+        "quick": args.quick,
+        "clock": args.clock,
+        "machine": common.machine(),
+    }
+    result["machine"]["load_average"] = _load()
+    start = time.perf_counter()
+    if "layer" in suites:
+        from svdadapt.bench import layer
+
+        use_bf16 = args.bf16 == "on" or args.bf16 == "auto" and common.bf16_supported()
+        dtypes = [torch.float32] + ([torch.bfloat16] if use_bf16 else [])
+        result["layer"] = layer.suite(args.quick, dtypes, log, args.clock)
+    if "model" in suites:
+        from svdadapt.bench import model
+
+        result["model"] = model.suite(args.quick, log, args.clock)
+    if "init" in suites:
+        from svdadapt.bench import init
+
+        result["init"] = init.suite(args.quick, log)
+    if "bank" in suites:
+        result["bank"] = bank_suite(args.quick)
+    result["targets"] = targets(result)
+    result["seconds"] = time.perf_counter() - start
+    text = render(result)
+    print(text)
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(result, f, indent=1, default=str)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(text)
+    return 0

@@ -1,0 +1,149 @@
+"""The `layer` suite: one wrapped linear's forward + backward against the frozen base layer and peft.
+
+For each (shape, tokens, r, dtype) every configuration runs in the same process on the same input
+and output gradient: the base layer alone (x requires grad, weight frozen: what the adapter cannot
+avoid), svdadapt's methods, and peft's LoRA and DoRA at the same rank. Times are medians of
+per-repetition ratios to the base layer; memory is the peak of live tensor bytes of one step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from svdadapt.bench.common import MiB, interleaved_ratios, peak_bytes
+
+METHODS = ("lora", "dora", "pissa", "dude", "loraxs", "edora")
+PEFT = ("peft_lora", "peft_dora")
+# Mistral-7B's projections (out, in): q/o, k/v, gate/up, down
+SHAPES = ((4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336))
+# (shapes, tokens, ranks, reps): every shape at 256 tokens; 2048 tokens on the smallest shape only, since
+# one 2048-token step of a 14336-wide projection takes seconds per configuration on 2 shared cores
+FULL = (
+    (SHAPES, (256,), (16, 64), 5),
+    ((SHAPES[1],), (2048,), (16, 64), 3),
+)
+FULL_BF16 = (((SHAPES[1],), (256,), (16,), 3),)
+QUICK = (((SHAPES[1],), (256,), (16,), 5),)
+
+
+def _svdadapt_layer(base: nn.Linear, method: str, r: int, norm: str) -> nn.Module:
+    import svdadapt
+
+    model = nn.Sequential(base)
+    cfg = svdadapt.AdapterConfig(method=method, r=r, target_modules=["0"], svd_solver="randomized", svd_cache_dir="", norm=norm)
+    svdadapt.apply(model, cfg)
+    return model
+
+
+def _peft_layer(base: nn.Linear, r: int, dora: bool) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=r, lora_alpha=16, target_modules=["0"], use_dora=dora, lora_dropout=0.0)
+    return get_peft_model(nn.Sequential(base), cfg)
+
+
+def build(out_f: int, in_f: int, tokens: int, r: int, dtype: torch.dtype, norm: str = "detached", seed: int = 0):
+    """Every configuration's module on one shared frozen weight; returns (modules, x, grad_y)."""
+    gen = torch.Generator().manual_seed(seed)
+    weight = nn.Parameter((torch.randn(out_f, in_f, generator=gen) / in_f**0.5).to(dtype), requires_grad=False)
+
+    def linear(own: bool) -> nn.Linear:
+        lin = nn.Linear(in_f, out_f, bias=False, device="meta")
+        lin.weight = nn.Parameter(weight.detach().clone(), requires_grad=False) if own else weight
+        return lin
+
+    modules: dict[str, nn.Module] = {"base": linear(False)}
+    for method in METHODS:
+        own = method in ("pissa", "dude")  # residual methods rewrite their base weight
+        modules[method] = _svdadapt_layer(linear(own), method, r, norm)
+    modules["peft_lora"] = _peft_layer(linear(False), r, dora=False)
+    modules["peft_dora"] = _peft_layer(linear(False), r, dora=True)
+    x = torch.randn(tokens, in_f, generator=gen).to(dtype).requires_grad_(True)
+    grad_y = torch.randn(tokens, out_f, generator=gen).to(dtype)
+    return modules, x, grad_y
+
+
+def stepper(module: nn.Module, x: torch.Tensor, grad_y: torch.Tensor) -> Callable[[], None]:
+    """Forward + backward of `module` on x; clears every gradient it made."""
+    params = [p for p in module.parameters() if p.requires_grad]
+
+    def step() -> None:
+        module(x).backward(grad_y)
+        x.grad = None
+        for p in params:
+            p.grad = None
+
+    return step
+
+
+def run_one(
+    out_f: int,
+    in_f: int,
+    tokens: int,
+    r: int,
+    dtype: torch.dtype,
+    reps: int,
+    warmup: int,
+    norm: str = "detached",
+    clock: str = "wall",
+) -> list[dict]:
+    """Rows of one setting: every configuration's time and peak-memory ratio to the base layer."""
+    modules, x, grad_y = build(out_f, in_f, tokens, r, dtype, norm)
+    steps = {name: stepper(m, x, grad_y) for name, m in modules.items()}
+    timing = interleaved_ratios(steps, "base", reps, warmup, clock)
+    peaks = {name: peak_bytes(step) for name, step in steps.items()}
+    rows = []
+    for name in steps:
+        rows.append(
+            {
+                "shape": f"{out_f}x{in_f}",
+                "tokens": tokens,
+                "r": r,
+                "dtype": str(dtype).removeprefix("torch."),
+                "norm": norm,
+                "config": name,
+                "ms": timing[name]["ms"],
+                "time_ratio": timing[name]["ratio"],
+                "peak_mib": peaks[name] / MiB,
+                "peak_ratio": peaks[name] / max(peaks["base"], 1),
+                "ratios": timing[name]["ratios"],
+            }
+        )
+    return rows
+
+
+def add_peft_dora_over_dude(rows: list[dict]) -> None:
+    """Add, to each setting's dude row, peft DoRA's time over svdadapt dude's (median of ratios)."""
+    import statistics
+
+    by = {}
+    for row in rows:
+        by.setdefault((row["shape"], row["tokens"], row["r"], row["dtype"], row["norm"]), {})[row["config"]] = row
+    for group in by.values():
+        if "dude" in group and "peft_dora" in group:
+            ratios = [p / d for p, d in zip(group["peft_dora"]["ratios"], group["dude"]["ratios"])]
+            group["dude"]["peft_dora_over"] = statistics.median(ratios)
+
+
+def suite(quick: bool, dtypes: list[torch.dtype], log=print, clock: str = "wall") -> list[dict]:
+    rows: list[dict] = []
+    for dtype in dtypes:
+        plan = QUICK if quick else FULL if dtype == torch.float32 else FULL_BF16
+        for shapes, token_counts, ranks, reps in plan:
+            for out_f, in_f in shapes:
+                for tokens in token_counts:
+                    for r in ranks:
+                        got = run_one(out_f, in_f, tokens, r, dtype, reps, warmup=1, clock=clock)
+                        add_peft_dora_over_dude(got)
+                        rows += got
+                        log(_line(got))
+    return rows
+
+
+def _line(rows: list[dict]) -> str:
+    head = rows[0]
+    parts = " ".join(f"{r['config']}={r['time_ratio']:.3f}" for r in rows if r["config"] != "base")
+    return f"layer {head['shape']} T={head['tokens']} r={head['r']} {head['dtype']}: base {head['ms']:.1f} ms; {parts}"

@@ -1,0 +1,114 @@
+"""`svdadapt bench`: the CLI runs its --quick plan end to end and writes the JSON it documents.
+
+The plans are shrunk to toy sizes here so the test is fast; what is checked is structure, the memory
+meter against hand-counted allocations, and the bank hook, never a timing.
+"""
+
+import json
+import os
+import sys
+import types
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from svdadapt import bench  # noqa: E402
+from svdadapt.bench import common  # noqa: E402
+from svdadapt.bench import init as init_suite  # noqa: E402
+from svdadapt.bench import layer as layer_suite  # noqa: E402
+from svdadapt.bench import model as model_suite  # noqa: E402
+
+CONFIGS = {"base", "lora", "dora", "pissa", "dude", "loraxs", "edora", "peft_lora", "peft_dora"}
+
+
+@pytest.fixture
+def tiny_plans(monkeypatch):
+    monkeypatch.setattr(layer_suite, "QUICK", ((((48, 64),), (8,), (4,), 2),))
+    tiny = {
+        "hidden": 64,
+        "intermediate": 96,
+        "layers": 1,
+        "heads": 2,
+        "kv_heads": 1,
+        "batch": 1,
+        "seq": 8,
+        "ranks": (4,),
+        "reps": 2,
+    }
+    monkeypatch.setattr(model_suite, "QUICK", tiny)
+    monkeypatch.setattr(init_suite, "QUICK", {"layers": 32, "timed_layers": 1, "scale": 64, "full_scale": 64, "r": 4})
+    monkeypatch.setattr(init_suite, "ACCURACY_SHAPES_QUICK", ((96, 160),))
+    real = init_suite.minilm_weights
+    monkeypatch.setattr(init_suite, "minilm_weights", lambda: real()[:2])
+
+
+def test_quick_run_writes_json_with_every_suite(tiny_plans, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "svdadapt.serve", None)  # the bank hook must say it is unavailable
+    out, md = tmp_path / "bench.json", tmp_path / "bench.md"
+    assert (
+        bench.cli(["--quick", "--suite", "all", "--bf16", "off", "--clock", "cpu", "--output", str(out), "--markdown", str(md)])
+        == 0
+    )
+    result = json.loads(out.read_text())
+    assert {"command", "quick", "machine", "layer", "model", "init", "bank", "targets", "seconds"} <= set(result)
+    assert result["quick"] is True and result["machine"]["nproc"] >= 1
+
+    layer = result["layer"]
+    assert {r["config"] for r in layer} == CONFIGS
+    for row in layer:
+        assert {"shape", "tokens", "r", "dtype", "ms", "time_ratio", "peak_mib", "peak_ratio"} <= set(row)
+        assert row["ms"] > 0 and row["peak_mib"] > 0
+    base = next(r for r in layer if r["config"] == "base")
+    assert base["time_ratio"] == 1.0 and base["peak_ratio"] == 1.0
+    assert "peft_dora_over" in next(r for r in layer if r["config"] == "dude")
+
+    model = result["model"]
+    assert {r["config"] for r in model} == CONFIGS - {"base"}
+    assert all(isinstance(r["within_budget"], bool) for r in model)
+    counts = {r["config"]: r["trainable"] for r in model}
+    assert counts["lora"] == counts["peft_lora"] and counts["dora"] == counts["peft_dora"]  # same rank, same targets
+
+    init = result["init"]
+    assert {"svdadapt_randomized", "peft_pissa_niter_4", "svdadapt_full"} <= set(init["timing"])
+    errors = init["accuracy"]["rows"]
+    assert any(r["matrix"].startswith("power law") for r in errors)
+    assert all(0 <= r["rel_error"] < 2 for r in errors)
+
+    assert result["bank"] == {"available": False, "reason": "svdadapt.serve is not installed in this version"}
+    assert all({"target", "value", "met"} <= set(t) for t in result["targets"])
+    printed = capsys.readouterr().out
+    assert "| out x in |" in printed and md.read_text() == printed.rstrip("\n") + "\n"
+
+
+def test_bank_suite_runs_serve_benchmark_when_present(monkeypatch):
+    fake = types.ModuleType("svdadapt.serve")
+    fake.benchmark_bank = lambda quick: {"quick": quick, "adapters": 3}
+    monkeypatch.setitem(sys.modules, "svdadapt.serve", fake)
+    assert bench.bank_suite(True) == {"available": True, "result": {"quick": True, "adapters": 3}}
+    del fake.benchmark_bank
+    assert bench.bank_suite(True)["available"] is False
+
+
+@pytest.mark.parametrize("argv", [["--suite", "layers"], ["--suite", ""], ["--threads", "0"]])
+def test_bad_arguments_exit_2_and_say_why(argv, capsys):
+    assert bench.cli(argv) == 2
+    assert "svdadapt bench:" in capsys.readouterr().err
+
+
+def test_peak_meter_counts_live_storages_not_views():
+    def step():
+        a = torch.empty(1000)  # 4000 bytes
+        b = a * 2  # + 4000: 8000 live
+        v = b[:10].view(2, 5)  # a view: nothing new
+        del a
+        c = b + v.sum()  # a's bytes are free again: 8000 live, plus a 4-byte scalar from sum
+        return c
+
+    assert common.peak_bytes(step) == 8004
+
+
+def test_interleaved_ratios_reference_is_one():
+    got = common.interleaved_ratios({"ref": lambda: None, "other": lambda: sum(range(100))}, "ref", reps=3, warmup=0)
+    assert got["ref"]["ratio"] == 1.0 and len(got["other"]["ratios"]) == 3

@@ -1,0 +1,137 @@
+"""`AdapterLayer`'s fused forward/backward against autograd through the materialised weight.
+
+Reference: V = W + s·B R A built as an (out, in) matrix, n = ‖V‖_row (a constant for norm="detached"),
+y = F.linear(x, (m / n)[:, None] · V, bias); gradients of x and of every trainable factor by autograd.
+"""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import svdadapt
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+METHODS = ["lora", "dora", "pissa", "dude", "loraxs", "edora"]
+
+
+def make(method, bias=True, norm="detached", dtype=torch.float64, out_f=24, in_f=40, r=4, seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(in_f, out_f, bias=bias).to(dtype))
+    cfg = svdadapt.AdapterConfig(method=method, r=r, target_modules=["0"], svd_dtype="float64", svd_cache_dir="", norm=norm)
+    svdadapt.apply(model, cfg)
+    layer = model[0]
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():  # move every factor, frozen or not, away from its start value
+        for p in layer.factors().values():
+            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.3)
+    layer.refresh()
+    return layer
+
+
+def reference(layer, x):
+    """Forward through the materialised V; factors enter as differentiable leaves (copies)."""
+    leaves = {k: p.detach().clone().requires_grad_(p.requires_grad) for k, p in layer.factors().items()}
+    a, b = leaves["A"], leaves["B"]
+    p = b if "R" not in leaves else b @ leaves["R"]
+    v = layer.weight.detach().to(a.dtype) + layer.scaling * p @ a  # (out, in)
+    w = v
+    if "magnitude" in leaves:
+        n = torch.linalg.vector_norm(v, dim=1)
+        if not layer.exact_norm:
+            n = n.detach()
+        w = (leaves["magnitude"] / n)[:, None] * v
+    bias = None if layer.bias is None else layer.bias.detach().to(w.dtype)
+    return F.linear(x, w, bias), leaves
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("norm", ["exact", "detached"])
+def test_forward_and_gradients_equal_the_materialised_reference(method, bias, norm):
+    layer = make(method, bias=bias, norm=norm)
+    x = torch.randn(3, 5, 40, dtype=torch.float64, requires_grad=True)
+    assert layer._fused(x)  # the fused path is the one under test
+    gy = torch.randn(3, 5, 24, dtype=torch.float64)
+    y = layer(x)
+    y.backward(gy)
+    xr = x.detach().clone().requires_grad_(True)
+    y_ref, leaves = reference(layer, xr)
+    y_ref.backward(gy)
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-10, atol=1e-12)
+    for k, p in layer.factors().items():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, leaves[k].grad, rtol=1e-10, atol=1e-12, msg=f"{method} {norm} d/d{k}")
+        else:
+            assert p.grad is None, f"frozen {k} got a gradient"
+
+
+@pytest.mark.parametrize("method", ["dude", "edora"])
+def test_exact_and_detached_gradients_differ(method):
+    grads = {}
+    for norm in ("exact", "detached"):
+        layer = make(method, norm=norm)
+        layer(torch.randn(6, 40, dtype=torch.float64)).square().sum().backward()
+        grads[norm] = layer.lora_B.grad if method == "dude" else layer.lora_R.grad
+    assert not torch.allclose(grads["exact"], grads["detached"])
+
+
+def test_input_without_grad_and_trainable_bias():
+    layer = make("dude", norm="exact")
+    layer.base_layer.bias.requires_grad_(True)
+    x = torch.randn(7, 40, dtype=torch.float64)
+    gy = torch.randn(7, 24, dtype=torch.float64)
+    layer(x).backward(gy)
+    torch.testing.assert_close(layer.bias.grad, gy.sum(0), rtol=1e-12, atol=1e-12)  # y = g ⊙ ypre + bias
+    assert layer.magnitude.grad is not None
+
+
+def test_conv1d_base_takes_the_fused_path():
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Conv1D(24, 40).double())
+    with torch.no_grad():
+        model[0].bias.normal_()
+    svdadapt.apply(model, svdadapt.AdapterConfig(method="edora", r=4, target_modules=["0"], svd_cache_dir="", norm="exact"))
+    layer = model[0]
+    with torch.no_grad():
+        layer.lora_R.normal_()
+    x = torch.randn(5, 40, dtype=torch.float64, requires_grad=True)
+    assert layer._fused(x)
+    layer(x).square().sum().backward()
+    xr = x.detach().clone().requires_grad_(True)
+    y_ref, leaves = reference(layer, xr)
+    y_ref.square().sum().backward()
+    torch.testing.assert_close(layer(x), y_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(layer.lora_R.grad, leaves["R"].grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["dude", "edora", "lora"])
+def test_bfloat16_base_runs_the_autograd_path_and_matches(method):
+    layer = make(method, dtype=torch.bfloat16, out_f=64, in_f=96, r=8)
+    x = torch.randn(4, 96, dtype=torch.bfloat16, requires_grad=True)
+    assert not layer._fused(x)
+    y = layer(x)
+    assert y.dtype == torch.bfloat16
+    ref, _ = reference(layer, x.detach().float())
+    torch.testing.assert_close(y.float(), ref.float(), rtol=0.05, atol=0.1)
+    y.float().square().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad.float()).all()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in layer.factors().values() if p.requires_grad)
+
+
+def test_dropout_in_training_takes_the_autograd_path():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(40, 24).double())
+    svdadapt.apply(model, svdadapt.AdapterConfig(method="dude", r=4, target_modules=["0"], svd_cache_dir="", dropout=0.5))
+    layer = model[0].train()
+    x = torch.randn(5, 40, dtype=torch.float64)
+    assert not layer._fused(x)
+    layer.eval()
+    assert layer._fused(x)
