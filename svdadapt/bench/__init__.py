@@ -1,6 +1,6 @@
 """`svdadapt bench`: speed and memory of the adapter layer, a model step and SVD init, against peft.
 
-    svdadapt bench --quick                                   # about a minute: one small setting of each suite
+    svdadapt bench --quick                                   # one small setting of each suite
     svdadapt bench --suite layer,model,init --output bench.json
 
 Suites: `layer` (one wrapped linear per method vs the frozen base layer and peft LoRA/DoRA), `model`
@@ -143,7 +143,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--suite", default=",".join(DEFAULT), help=f"comma-separated suites from {list(SUITES)}, or 'all' (default: %(default)s)"
     )
-    p.add_argument("--quick", action="store_true", help="a small subset of every suite (about a minute)")
+    p.add_argument("--quick", action="store_true", help="a small subset of every suite")
     p.add_argument("--output", help="write the full result as JSON to this file")
     p.add_argument("--markdown", help="write the tables as Markdown to this file")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice, the core count)")
