@@ -23,15 +23,10 @@ DEFAULT = ("layer", "model", "init")
 
 
 def bank_suite(quick: bool) -> dict:
-    """`svdadapt.serve.benchmark_bank(quick)` if that module provides it, else a note that it is missing."""
-    try:
-        from svdadapt import serve
-    except ImportError:
-        return {"available": False, "reason": "svdadapt.serve is not installed in this version"}
-    fn = getattr(serve, "benchmark_bank", None)
-    if fn is None:
-        return {"available": False, "reason": "svdadapt.serve has no benchmark_bank"}
-    return {"available": True, "result": fn(quick)}
+    """`svdadapt.serve.benchmark_bank(quick)`: many edora adapters served in one batch."""
+    from svdadapt.serve import benchmark_bank
+
+    return {"available": True, "result": benchmark_bank(quick)}
 
 
 def targets(result: dict) -> list[dict]:
