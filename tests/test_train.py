@@ -102,10 +102,6 @@ def roberta_recipe(model_dir, out, method="edora", **training):
                 "target_modules": ["query", "value", "output.dense"],
                 "modules_to_save": ["classifier"],
             },
-            "data": {"kind": "glue", "glue_task": "rte", "source": str(DATA / "glue"), "max_length": 64},
-            "training": {**t, **training},
-        }
-        | {
             "data": {
                 "kind": "glue",
                 "glue_task": "rte",
@@ -113,7 +109,8 @@ def roberta_recipe(model_dir, out, method="edora", **training):
                 "max_length": 64,
                 "max_train_samples": 64,
                 "max_eval_samples": 32,
-            }
+            },
+            "training": {**t, **training},
         }
     )
 
