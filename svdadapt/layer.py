@@ -257,8 +257,7 @@ class AdapterLayer(nn.Module):
         p, a, s = self.direction(), self.lora_A, self.scaling
         c = self._C if self._C is not None else self._weight_times_at(a)
         g = self._G if self._G is not None else a @ a.T
-        n2 = self._w_sq + 2 * s * (c * p).sum(1) + s * s * ((p @ g) * p).sum(1)
-        return n2.clamp_min(torch.finfo(n2.dtype).tiny).sqrt()
+        return _closed_form_norm(self._w_sq, c, p, p @ g, s)
 
     def _weight_times_at(self, a: torch.Tensor) -> torch.Tensor:
         """C = W Aᵀ (out, r); a kind with `weight_times_at(module, a)` (e.g. a quantized one) computes it itself."""
@@ -311,8 +310,7 @@ class AdapterLayer(nn.Module):
         p = b if rr is None else b @ rr.detach()
         c = self._C if self._C is not None else (a @ self.weight.T).T
         pg = p @ (self._G if self._G is not None else a @ a.T)
-        n2 = self._w_sq + 2 * s * (c * p).sum(1) + s * s * (pg * p).sum(1)
-        return n2.clamp_min(torch.finfo(n2.dtype).tiny).sqrt(), c, p, pg
+        return _closed_form_norm(self._w_sq, c, p, pg, s), c, p, pg
 
     # --- merge ---
 
@@ -409,6 +407,12 @@ class _LayerStep(torch.autograd.Function):
                 dg = p.T @ (p * (s * s * dn2[:, None]))  # (r, r): d / d G, G = A Aᵀ
                 grad_a = grad_a + dc.T @ layer.weight + (dg + dg.T) @ a
         return grad_x, grad_a, grad_b, grad_r, grad_m, grad_bias, None
+
+
+def _closed_form_norm(w_sq: torch.Tensor, c: torch.Tensor, p: torch.Tensor, pg: torch.Tensor, s: float) -> torch.Tensor:
+    """n_i = sqrt(‖W_i‖² + 2s·⟨C_i, P_i⟩ + s²·⟨(P G)_i, P_i⟩), (out,), with C = W Aᵀ, P = B R, G = A Aᵀ."""
+    n2 = w_sq + 2 * s * (c * p).sum(1) + s * s * (pg * p).sum(1)
+    return n2.clamp_min(torch.finfo(n2.dtype).tiny).sqrt()
 
 
 def _row_sq(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
