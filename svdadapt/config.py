@@ -8,7 +8,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from svdadapt.svd import SOLVERS, SVDSettings
+from svdadapt.svd import SKETCHES, SOLVERS, SVDSettings
 
 _CHOICES = {
     "singular_values_on": ("B", "A"),
@@ -16,6 +16,7 @@ _CHOICES = {
     "norm": ("detached", "exact"),
     "svd_solver": SOLVERS,
     "svd_dtype": ("float32", "float64"),
+    "svd_sketch": SKETCHES,
 }
 
 
@@ -45,6 +46,8 @@ class AdapterConfig:
         svd_dtype: precision of the SVD, "float32" or "float64", whatever the model's dtype.
         svd_oversample: randomized solver's extra directions.
         svd_niter: randomized solver's power iterations.
+        svd_sketch: randomized solver's power-iteration precision: "weight" (bfloat16 for a bfloat16
+            weight, float32 accumulation) or "dtype" (svd_dtype). See `svdadapt.svd.SVDSettings`.
         svd_cache_dir: SVD cache location; None for the user cache dir, "" to disable caching.
         seed: seeds every random start value (per layer, from the seed and the layer's name).
     """
@@ -61,8 +64,9 @@ class AdapterConfig:
     norm: str = "detached"
     svd_solver: str = "full"
     svd_dtype: str = "float32"
-    svd_oversample: int = 16
-    svd_niter: int = 4
+    svd_oversample: int = 48
+    svd_niter: int = 3
+    svd_sketch: str = "weight"
     svd_cache_dir: str | None = field(default=None, compare=False)
     seed: int = 0
 
@@ -110,7 +114,9 @@ class AdapterConfig:
 
     @property
     def svd(self) -> SVDSettings:
-        return SVDSettings(self.svd_solver, self.svd_dtype, self.svd_oversample, self.svd_niter, self.svd_cache_dir)
+        return SVDSettings(
+            self.svd_solver, self.svd_dtype, self.svd_oversample, self.svd_niter, self.svd_cache_dir, self.svd_sketch
+        )
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -5,8 +5,8 @@ optionally R (r, r) start as; its registration says which of A, B, R and the mag
 and whether the frozen base becomes the residual W0 − s·B A (PiSSA-style). Add one from user code:
 
     @svdadapt.register_method("mine", trainable=("B",), magnitude=True)
-    def mine(weight, ctx):
-        U, S, Vh = ctx.svd()
+    def mine(weight, ctx):  # weight: W0 in its stored dtype (upcast it before arithmetic)
+        U, S, Vh = ctx.svd(weight)
         return svdadapt.Factors(A=Vh, B=torch.zeros_like(U))
 """
 
@@ -49,7 +49,8 @@ class InitContext:
         return self.config.scaling
 
     def svd(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Cached, sign-canonical top-r SVD of `weight`: U (out, r), S (r,), Vh (r, in)."""
+        """Cached, sign-canonical top-r SVD of `weight`: U (out, r), S (r,), Vh (r, in), in
+        `config.svd_dtype` whatever the weight's dtype."""
         return truncated_svd(weight, self.r, self.config.svd, self.weight_hash)
 
     def kaiming_uniform(self, rows: int, cols: int, dtype=torch.float32) -> torch.Tensor:
@@ -92,6 +93,10 @@ def register_method(
     default_alpha: float | Callable[[int], float] = 16.0,
 ):
     """Register an initialiser under `name` (decorator).
+
+    The initialiser is called as `fn(weight, ctx)` with the frozen base weight W0 (out, in) in its
+    stored dtype (bfloat16 for a bfloat16 model: upcast it before doing arithmetic with it) and an
+    `InitContext`; it returns `Factors` in float32 or wider.
 
     Args:
         name: the method's name, as used in `AdapterConfig(method=...)`.

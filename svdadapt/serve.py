@@ -39,6 +39,7 @@ _BASIS_FIELDS = (
     "svd_dtype",
     "svd_oversample",
     "svd_niter",
+    "svd_sketch",
 )
 
 

@@ -23,6 +23,7 @@ variant's name) under `results/runs/`, and `svdadapt report` rewrites the table 
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import itertools
 import json
 import os
@@ -95,13 +96,19 @@ def _report(spec: dict) -> None:
         report([*runs, "--output", str(Path(spec["results"]))])
 
 
+def _selects(text: str, name: str) -> bool:
+    """`--only TEXT`: a substring, or a full-name glob when TEXT has glob characters."""
+    return fnmatch.fnmatchcase(name, text) if any(c in text for c in "*?[") else text in name
+
+
 def cli(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="svdadapt sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("sweep", help="the sweep YAML file")
     parser.add_argument("--max-minutes", type=float, default=None, help="start no new run after this many minutes")
-    parser.add_argument("--only", action="append", default=[], help="run only runs whose name contains this text (repeatable)")
+    parser.add_argument("--only", action="append", default=[], help="run only runs whose name contains this text, or matches it in full if it "
+        "has glob characters, e.g. 'dora-rte-[12]' (not edora-rte-1) (repeatable)")
     parser.add_argument("--dry-run", action="store_true", help="list the runs and their state, run nothing")
     args = parser.parse_args(argv)
     try:
@@ -109,7 +116,7 @@ def cli(argv: list[str]) -> int:
     except ValueError as e:
         print(f"svdadapt sweep: {e}", file=sys.stderr)
         return 2
-    runs = [r for r in runs if not args.only or any(t in r.name for t in args.only)]
+    runs = [r for r in runs if not args.only or any(_selects(t, r.name) for t in args.only)]
     root, start, failed = Path(spec["output_root"]), time.time(), []
     for i, run in enumerate(runs, 1):
         run_dir = root / run.name

@@ -281,9 +281,10 @@ def test_rank_too_large_names_the_module(r):
     assert isinstance(model[0], nn.Linear)
 
 
-@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_non_finite_weight_names_the_module_and_changes_nothing(bad):
-    model = nn.Sequential(nn.Linear(40, 24), nn.Linear(24, 24))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_weight_names_the_module_and_changes_nothing(bad, dtype):
+    model = nn.Sequential(nn.Linear(40, 24), nn.Linear(24, 24)).to(dtype)
     with torch.no_grad():
         model[1].weight[3, 5] = bad
     with pytest.raises(ValueError, match=r"module '1': its weight has NaN or Inf"):

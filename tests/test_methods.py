@@ -88,6 +88,18 @@ def test_principal_factors_and_residual(method):
     torch.testing.assert_close(a.norm(dim=1), sv.sqrt(), rtol=1e-10, atol=0)  # A = √S Vᵀ
 
 
+def test_residual_of_a_bf16_weight_is_the_same_in_row_blocks(monkeypatch):
+    """W0 − s·B A is rewritten a block of rows at a time: the blocks join up to the one-shot result."""
+    from svdadapt import layer as L
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(37, 24, generator=g).to(torch.bfloat16)
+    b, a = torch.randn(37, 4, generator=g), torch.randn(4, 24, generator=g)
+    whole = torch.addmm(w.float(), b, a, alpha=-0.5).to(torch.bfloat16)
+    monkeypatch.setattr(L, "_CHUNK_ELEMENTS", 5 * 24)  # 5 rows a block: 8 blocks, the last one short
+    assert L._residual(w, b, a, 0.5).equal(whole)
+
+
 def test_pissa_factors_divide_by_root_scaling():
     _, layer, w0, cfg = adapted("pissa", alpha=16.0)  # s = 4
     sv = _svd64(w0, 4)[1]

@@ -97,6 +97,33 @@ def test_randomized_error_against_full_is_reported(decay):
     assert err < 1e-2
 
 
+@pytest.mark.parametrize("decay", [0.9, 0.97])
+def test_bf16_weight_sketched_in_bf16_stays_within_a_percent_of_full(decay, monkeypatch):
+    """For a bfloat16 weight the power iterations multiply in bfloat16; the top-r reconstruction stays
+    within 1% of the full SVD's of the same weight, and the products really ran in bfloat16."""
+    w = decaying(600, 400, decay=decay).to(torch.bfloat16)
+    r = 16
+    full = truncated_svd(w, r, SVDSettings(cache_dir=""))
+    seen = []
+    real = S._orth
+    monkeypatch.setattr(S, "_orth", lambda y: seen.append(y.dtype) or real(y))
+    low = truncated_svd(w, r, SVDSettings(solver="randomized", cache_dir=""))
+    exact = truncated_svd(w, r, SVDSettings(solver="randomized", sketch="dtype", cache_dir=""))
+    assert seen and set(seen) == {torch.float32}  # bases are orthonormalised in float32 either way
+    rec = [u @ torch.diag(s) @ vh for u, s, vh in (full, low, exact)]
+    for got in rec[1:]:
+        err = ((got - rec[0]).norm() / rec[0].norm()).item()
+        print(f"bf16 weight, decay {decay}: top-{r} reconstruction error {err:.2e}")
+        assert err < 1e-2
+    assert not rec[1].equal(rec[2])  # the two precisions are different computations
+    assert SVDSettings(solver="randomized").key() != SVDSettings(solver="randomized", sketch="dtype").key()
+
+
+def test_unknown_sketch_precision():
+    with pytest.raises(ValueError, match=r"svd sketch 'half' is not one of \('weight', 'dtype'\)"):
+        truncated_svd(torch.randn(8, 6), 2, SVDSettings(solver="randomized", sketch="half", cache_dir=""))
+
+
 def test_rank_out_of_range():
     with pytest.raises(ValueError, match=r"svd rank r=0 must be in \[1, 4\]"):
         truncated_svd(torch.randn(4, 6), 0, SVDSettings(cache_dir=""))

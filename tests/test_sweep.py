@@ -61,3 +61,14 @@ def test_sweep_file_errors_name_the_key(tmp_path):
         read_sweep(f)
     with pytest.raises(ValueError, match="does not exist"):
         read_sweep(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize(
+    "text, picked",
+    [("dora-rte", ["dora-rte-0", "edora-rte-0"]), ("dora-rte-[0]", ["dora-rte-0"]), ("*a-rte-0", ["dora-rte-0", "edora-rte-0"])],
+)
+def test_only_is_a_substring_or_a_full_name_glob(text, picked):
+    from svdadapt.sweep import _selects
+
+    names = ["dora-rte-0", "edora-rte-0", "dora_mlr10-rte-0", "dora-mrpc-0"]
+    assert [n for n in names if _selects(text, n)] == picked
