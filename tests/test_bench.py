@@ -102,3 +102,23 @@ def test_peak_meter_counts_live_storages_not_views():
 def test_interleaved_ratios_reference_is_one():
     got = common.interleaved_ratios({"ref": lambda: None, "other": lambda: sum(range(100))}, "ref", reps=3, warmup=0)
     assert got["ref"]["ratio"] == 1.0 and len(got["other"]["ratios"]) == 3
+
+
+def test_flop_floor_of_lora_is_what_peft_lora_executes():
+    """The floor's count, checked against torch's flop counter on peft's LoRA (plain out-of-place
+    matmuls: forward, input gradient, A and B gradients) and the base layer, at an odd shape."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    out_f, in_f, tokens, r = 40, 72, 24, 4
+    modules, x, grad_y = layer_suite.build(out_f, in_f, tokens, r, torch.float32)
+    flops = {}
+    for name in ("base", "peft_lora"):
+        with FlopCounterMode(display=False) as counter:
+            layer_suite.stepper(modules[name], x, grad_y)()
+        flops[name] = counter.get_total_flops()
+    assert layer_suite.flop_floor("lora", out_f, in_f, tokens, r) == pytest.approx(flops["peft_lora"] / flops["base"], rel=1e-12)
+    assert layer_suite.flop_floor("peft_lora", out_f, in_f, tokens, r) is None
+    # a magnitude over a trained A adds C = W Aᵀ each step; frozen A, B (edora) add only the low-rank path
+    assert layer_suite.flop_floor("dude", out_f, in_f, tokens, r) > layer_suite.flop_floor("pissa", out_f, in_f, tokens, r)
+    low_rank = 2 * tokens * r * (in_f + out_f) / (2 * tokens * in_f * out_f)
+    assert layer_suite.flop_floor("edora", out_f, in_f, tokens, r) == pytest.approx(1 + low_rank, rel=1e-12)

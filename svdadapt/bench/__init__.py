@@ -42,6 +42,8 @@ def targets(result: dict) -> list[dict]:
         if rows:
             worst = max(rows, key=lambda r: r["time_ratio"])
             where = f"{worst['shape']} T={worst['tokens']} r={worst['r']}"
+            if worst.get("flop_floor"):
+                where += f"; its arithmetic floor {worst['flop_floor']:.3f}"
             add(f"layer {method} <= {limit}x base (worst: {where})", round(worst["time_ratio"], 3), worst["time_ratio"] <= limit)
     dude = [r for r in layer if r["config"] == "dude" and "peft_dora_over" in r]
     if dude:
@@ -84,7 +86,7 @@ def render(result: dict) -> str:
     if result.get("layer"):
         parts.append("### layer: forward + backward of one wrapped linear, ratio to the frozen base layer\n")
         cols = [("shape", "out x in", ""), ("tokens", "tokens", ""), ("r", "r", ""), ("dtype", "dtype", ""), ("config", "config", ""),
-                ("ms", "ms", ".1f"), ("time_ratio", "time / base", ".3f"), ("peak_mib", "peak MiB", ".1f"),
+                ("ms", "ms", ".1f"), ("time_ratio", "time / base", ".3f"), ("flop_floor", "floor", ".3f"), ("peak_mib", "peak MiB", ".1f"),
                 ("peak_ratio", "peak / base", ".2f"), ("peft_dora_over", "peft DoRA / dude", ".2f")]  # fmt: skip
         parts.append(table(result["layer"], cols))
     if result.get("model"):

@@ -79,6 +79,27 @@ def stepper(module: nn.Module, x: torch.Tensor, grad_y: torch.Tensor) -> Callabl
     return step
 
 
+def flop_floor(config: str, out_f: int, in_f: int, tokens: int, r: int, norm: str = "detached") -> float | None:
+    """The least time ratio to the base layer that arithmetic allows for an svdadapt method.
+
+    The base step is 2·T·in·out multiply-adds (forward and input gradient). A method adds the
+    low-rank path forward and the input gradient through it, 2·T·r·(in+out); the gradients of the
+    factors that train, T·r·in for A and T·r·out for B (R's are T·r², negligible); and, when A trains
+    under a magnitude, C = W Aᵀ afresh every step, out·in·r (twice with the exact norm's gradient).
+    Elementwise work is left out, so a measured ratio sits above this floor.
+    """
+    if config not in METHODS:
+        return None
+    from svdadapt.methods import get_method
+
+    m, t = get_method(config), tokens
+    extra = 2 * t * r * (in_f + out_f)
+    extra += t * r * in_f * ("A" in m.trainable) + t * r * out_f * ("B" in m.trainable)
+    if m.magnitude and "A" in m.trainable:
+        extra += out_f * in_f * r * (2 if norm == "exact" else 1)
+    return 1 + extra / (2 * t * in_f * out_f)
+
+
 def run_one(
     out_f: int,
     in_f: int,
@@ -107,6 +128,7 @@ def run_one(
                 "config": name,
                 "ms": timing[name]["ms"],
                 "time_ratio": timing[name]["ratio"],
+                "flop_floor": flop_floor(name, out_f, in_f, tokens, r, norm),
                 "peak_mib": peaks[name] / MiB,
                 "peak_ratio": peaks[name] / max(peaks["base"], 1),
                 "ratios": timing[name]["ratios"],
