@@ -17,6 +17,7 @@ import yaml
 
 import svdadapt
 from svdadapt import evaluate
+from tiny import llama_config
 from svdadapt.prompts import ALPACA_PROMPT, alpaca_prompt
 from svdadapt.tasks import MMLU_SUBJECTS, utils, write_task_dir
 
@@ -167,7 +168,7 @@ def test_missing_data_file_is_named(tmp_path):
 def _tiny_llama(path: Path, seed: int = 0, cls=None, **cfg) -> torch.nn.Module:
     pytest.importorskip("sentencepiece", reason="the Llama-2 tokenizer needs sentencepiece (pip install sentencepiece protobuf)")
     pytest.importorskip("google.protobuf", reason="the Llama-2 tokenizer needs protobuf (pip install protobuf)")
-    from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizer
+    from transformers import LlamaForCausalLM, LlamaTokenizer
 
     spm = DATA / "tokenizers" / "llama2" / "tokenizer.model"
     path.mkdir(parents=True)
@@ -175,16 +176,7 @@ def _tiny_llama(path: Path, seed: int = 0, cls=None, **cfg) -> torch.nn.Module:
     tokenizer = LlamaTokenizer.from_pretrained(str(path))
     (path / "tokenizer.model").unlink()
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        **cfg,
-    )
+    config = llama_config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, max_position_embeddings=4096, **cfg)
     model = (cls or LlamaForCausalLM)(config)
     model.save_pretrained(str(path))
     tokenizer.save_pretrained(str(path))

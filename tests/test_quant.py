@@ -13,6 +13,7 @@ transformers = pytest.importorskip("transformers")
 import svdadapt  # noqa: E402
 from svdadapt import AdapterConfig  # noqa: E402
 from svdadapt.quant import is_quantized, load_quantized, prepare_quantized, quantize_linear  # noqa: E402
+from tiny import llama_config  # noqa: E402
 
 METHODS = ["lora", "dora", "pissa", "dude", "loraxs", "edora"]
 QUANTS = ["nf4", "int8"]
@@ -20,17 +21,8 @@ QUANTS = ["nf4", "int8"]
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    cfg = transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=96,
-        max_position_embeddings=32,
-    )
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg)
+    model = transformers.LlamaForCausalLM(llama_config(intermediate_size=128, vocab_size=96, max_position_embeddings=32))
     path = tmp_path_factory.mktemp("tiny-llama")
     model.save_pretrained(path)
     return path

@@ -11,22 +11,14 @@ transformers = pytest.importorskip("transformers")
 import svdadapt  # noqa: E402
 from svdadapt import AdapterConfig  # noqa: E402
 from svdadapt.serve import AdapterBank, benchmark_bank  # noqa: E402
+from tiny import llama_config  # noqa: E402
 
 VOCAB = 80
 
 
 def _base(seed=0):
-    cfg = transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        max_position_embeddings=64,
-    )
     torch.manual_seed(seed)
-    return transformers.LlamaForCausalLM(cfg).eval()
+    return transformers.LlamaForCausalLM(llama_config(vocab_size=VOCAB)).eval()
 
 
 def _config(method="edora", **kw):

@@ -23,6 +23,22 @@ class Custom(nn.Module):
         return self.head(h)
 
 
+def llama_config(**overrides):
+    """The tiny Llama's config (2 layers, hidden 64, 4 heads over 2 KV heads); keywords override it."""
+    import transformers as tf
+
+    base = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    return tf.LlamaConfig(**{**base, **overrides})
+
+
 def build(kind: str, seed: int = 0):
     """(model, adapter kwargs) for one tiny model kind."""
     import transformers as tf
@@ -30,7 +46,7 @@ def build(kind: str, seed: int = 0):
     torch.manual_seed(seed)
     common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4)
     if kind == "llama":
-        m = tf.LlamaForCausalLM(tf.LlamaConfig(num_key_value_heads=2, max_position_embeddings=64, **common))
+        m = tf.LlamaForCausalLM(llama_config())
         return m, dict(target_modules="all-linear")
     if kind == "mistral":
         m = tf.MistralForCausalLM(tf.MistralConfig(num_key_value_heads=2, max_position_embeddings=64, **common))
