@@ -100,9 +100,11 @@ def test_metamath_answer_extraction(text, expected):
 def test_metamath_scoring_and_prompt():
     doc = {"question": "How many legs do 3 cats have?", "answer": "3 * 4 = 12 legs.\n#### 1,212"}
     assert utils.gsm8k_label(doc) == "1212"
-    assert utils.metamath_process_results(doc, ["3 cats... The answer is: 1212"]) == {"exact_match": 1.0}
-    assert utils.metamath_process_results(doc, ["The answer is: 12"]) == {"exact_match": 0.0}
-    assert utils.metamath_process_results(doc, ["1212"]) == {"exact_match": 0.0}
+    assert utils.metamath_process_results(doc, ["3 cats... The answer is: 1212"]) == {"exact_match": 1.0, "last_number_match": 1.0}
+    assert utils.metamath_process_results(doc, ["The answer is: 12"]) == {"exact_match": 0.0, "last_number_match": 0.0}
+    assert utils.metamath_process_results(doc, ["1,212"]) == {"exact_match": 0.0, "last_number_match": 1.0}
+    assert utils.metamath_process_results(doc, ["The answer is: 1212 (not 12)"]) == {"exact_match": 1.0, "last_number_match": 0.0}
+    assert utils.extract_last_number("no digits here") is None
     prompt = utils.metamath_prompt(doc)
     assert prompt == alpaca_prompt(doc["question"]) == ALPACA_PROMPT.replace("{query}", doc["question"])
     assert prompt.startswith(
@@ -227,7 +229,7 @@ def test_eval_merged_equals_unmerged(tiny, tmp_path):
     # every task scored, numeric metrics, the official few-shot settings
     want = {
         "gsm8k": ["exact_match,strict-match", "exact_match,flexible-extract"],
-        "gsm8k_metamath": ["exact_match,none"],
+        "gsm8k_metamath": ["exact_match,none", "last_number_match,none"],
         "mmlu_anatomy": ["acc,none"],
         "mmlu_astronomy": ["acc,none"],
     }

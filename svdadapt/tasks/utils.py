@@ -72,9 +72,18 @@ def extract_metamath_answer(text: str) -> int | None:
     if len(parts) < 2:
         return None
     match = _NUMBER.search(parts[-1])
-    if match is None:
-        return None
-    token = match.group().replace(",", "")
+    return None if match is None else _as_integer(match.group())
+
+
+def extract_last_number(text: str) -> int | None:
+    """The last number anywhere in a completion, read as `extract_metamath_answer` reads one; None if
+    there is none. A lenient second score for models that do not (yet) write "The answer is:"."""
+    numbers = _NUMBER.findall(text)
+    return _as_integer(numbers[-1]) if numbers else None
+
+
+def _as_integer(token: str) -> int | None:
+    token = token.replace(",", "")
     try:
         if "/" in token:
             num, den = token.split("/")
@@ -89,10 +98,11 @@ def extract_metamath_answer(text: str) -> int | None:
 
 
 def metamath_process_results(doc: dict, results: list[str]) -> dict[str, float]:
-    """`exact_match` = 1 when the extracted answer equals the reference number, else 0."""
-    pred = extract_metamath_answer(results[0])
+    """`exact_match` = 1 when the number after "The answer is:" equals the reference, else 0 (the
+    papers' score); `last_number_match` = 1 when the completion's last number does (lenient)."""
     try:
         label = float(gsm8k_label(doc))
     except ValueError:
-        return {"exact_match": 0.0}
-    return {"exact_match": float(pred is not None and float(pred) == label)}
+        return {"exact_match": 0.0, "last_number_match": 0.0}
+    preds = {"exact_match": extract_metamath_answer(results[0]), "last_number_match": extract_last_number(results[0])}
+    return {name: float(pred is not None and float(pred) == label) for name, pred in preds.items()}
