@@ -108,6 +108,7 @@ def render(result: dict) -> str:
             ("matrix", "matrix", ""),
             ("rel_error", "rel. error of top-r reconstruction", ".5f"),
             ("excess_residual", "excess residual", ".5f"),
+            ("peft_rel_error", "rel. error, peft pissa_niter_4 (svd_lowrank q=r, 4 iterations)", ".5f"),
         ]
         parts.append(table(acc["rows"], cols))
     if "bank" in result:

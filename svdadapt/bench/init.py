@@ -125,8 +125,9 @@ def power_law(out_f: int, in_f: int, alpha: float, gen: torch.Generator) -> torc
     return (u * torch.arange(1, k + 1, dtype=torch.float32) ** -alpha) @ v.T
 
 
-def reconstruction_errors(w: torch.Tensor, r: int, settings) -> tuple[float, float]:
-    """(relative error of the top-r reconstruction vs full SVD, excess residual) for one matrix."""
+def reconstruction_errors(w: torch.Tensor, r: int, settings) -> tuple[float, float, float]:
+    """For one matrix: (relative error of the top-r reconstruction vs full SVD, excess residual, and
+    the relative error of what peft's `pissa_niter_4` computes: `torch.svd_lowrank(W, q=r, niter=4)`)."""
     from svdadapt.svd import truncated_svd
 
     w32 = w.float()  # the reference is the full SVD of the very same (possibly bf16-rounded) weight
@@ -134,7 +135,11 @@ def reconstruction_errors(w: torch.Tensor, r: int, settings) -> tuple[float, flo
     ref = (u[:, :r] * s[:r]) @ vh[:r]
     ur, sr, vr = truncated_svd(w, r, settings)  # a bf16 weight is sketched in bf16 (the default)
     got = (ur * sr) @ vr
-    return ((got - ref).norm() / ref.norm()).item(), ((w32 - got).norm() / (w32 - ref).norm() - 1).item()
+    torch.manual_seed(0)  # svd_lowrank draws its sketch from the global generator
+    pu, ps, pv = torch.svd_lowrank(w32, q=r, niter=4)
+    peft = (pu * ps) @ pv.T
+    rel = lambda x: ((x - ref).norm() / ref.norm()).item()  # noqa: E731
+    return rel(got), ((w32 - got).norm() / (w32 - ref).norm() - 1).item(), rel(peft)
 
 
 def minilm_weights() -> list[tuple[str, torch.Tensor]]:
@@ -154,40 +159,29 @@ def accuracy(quick: bool, r: int = 16) -> dict:
     from svdadapt.svd import SVDSettings
 
     default = AdapterConfig(method="pissa", svd_solver="randomized", svd_cache_dir="").svd
+    keys = ("rel_error", "excess_residual", "peft_rel_error")
     gen = torch.Generator().manual_seed(0)
     rows = []
+
+    def add(matrix: str, w: torch.Tensor) -> None:
+        rows.append({"matrix": matrix, **dict(zip(keys, reconstruction_errors(w, r, default)))})
+
     shapes = ACCURACY_SHAPES_QUICK if quick else ACCURACY_SHAPES
     for out_f, in_f in shapes:
         for alpha in (0.5, 1.0, 2.0):
-            rec, excess = reconstruction_errors(power_law(out_f, in_f, alpha, gen), r, default)
-            rows.append({"matrix": f"power law i^-{alpha:g}, {out_f}x{in_f}", "rel_error": rec, "excess_residual": excess})
+            add(f"power law i^-{alpha:g}, {out_f}x{in_f}", power_law(out_f, in_f, alpha, gen))
     out_f, in_f = shapes[0]
     for alpha in (0.5, 1.0):  # what a bf16 checkpoint gets: power iterations in bf16
-        w = power_law(out_f, in_f, alpha, gen).to(torch.bfloat16)
-        rec, excess = reconstruction_errors(w, r, default)
-        rows.append({"matrix": f"power law i^-{alpha:g}, {out_f}x{in_f}, bfloat16", "rel_error": rec, "excess_residual": excess})
-    rec, excess = reconstruction_errors(decaying_weight(out_f, in_f, gen, dtype=torch.float32), r, default)
-    rows.append({"matrix": f"timing weights (bulk + 1/i spikes), {out_f}x{in_f}", "rel_error": rec, "excess_residual": excess})
+        add(f"power law i^-{alpha:g}, {out_f}x{in_f}, bfloat16", power_law(out_f, in_f, alpha, gen).to(torch.bfloat16))
+    add(f"timing weights (bulk + 1/i spikes), {out_f}x{in_f}", decaying_weight(out_f, in_f, gen, dtype=torch.float32))
     try:
         real = minilm_weights()
     except ImportError:
         real = []
     if real:
         errs = [reconstruction_errors(w, r, default) for _, w in (real[:6] if quick else real)]
-        rows.append(
-            {
-                "matrix": f"all-MiniLM-L6-v2, {len(errs)} weights (median)",
-                "rel_error": statistics.median(e[0] for e in errs),
-                "excess_residual": statistics.median(e[1] for e in errs),
-            }
-        )
-        rows.append(
-            {
-                "matrix": f"all-MiniLM-L6-v2, {len(errs)} weights (max)",
-                "rel_error": max(e[0] for e in errs),
-                "excess_residual": max(e[1] for e in errs),
-            }
-        )
+        for stat, agg in (("median", statistics.median), ("max", max)):
+            rows.append({"matrix": f"all-MiniLM-L6-v2, {len(errs)} weights ({stat})", **{k: agg(e[i] for e in errs) for i, k in enumerate(keys)}})
     return {"r": r, "oversample": default.oversample, "niter": default.niter, "rows": rows, "settings": SVDSettings.__name__}
 
 
