@@ -139,6 +139,16 @@ def _unmark_gguf(model: torch.nn.Module) -> None:
         del model.config.quantization_config
 
 
+def _final_evaluation(trainer, history: list[dict]) -> dict:
+    """The evaluation of the trained model: the one logged at the last step when there is one (the
+    model has not changed since, and evaluation is deterministic), else a fresh one."""
+    step = trainer.state.global_step
+    last = next((h for h in reversed(history) if "eval_loss" in h), None)
+    if last is not None and last.get("step") == step:
+        return {k: v for k, v in last.items() if k != "step"}
+    return trainer.evaluate()
+
+
 def param_groups(model: torch.nn.Module, training) -> list[dict]:
     """AdamW groups found structurally: adapter factors, magnitudes, and modules_to_save, each with its lr.
 
@@ -407,7 +417,7 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, callba
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     train_time = time.time() - trained
     history = list(trainer.state.log_history)  # the final evaluation below would add to it
-    final = trainer.evaluate() if data.eval is not None else {}
+    final = _final_evaluation(trainer, history) if data.eval is not None else {}
     model = trainer.model
     if hasattr(trainer.model_wrapped, "empty_partition_cache"):  # ZeRO-3: settle prefetched params before gathering
         trainer.model_wrapped.empty_partition_cache()

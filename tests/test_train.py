@@ -179,6 +179,16 @@ def test_glue_classifier_metrics_and_reload(roberta_dir, tmp_path):
     _reloaded_matches(result, {k: batch[k] for k in ("input_ids", "attention_mask")}, tok)
 
 
+def test_final_metrics_reuse_the_evaluation_at_the_last_step(roberta_dir, tmp_path):
+    recipe = roberta_recipe(roberta_dir, tmp_path / "run", "dude", max_steps=3, eval_strategy="steps", eval_steps=3)
+    result = run(recipe)
+    at_end = [h for h in result.trainer.state.log_history if "eval_loss" in h and h["step"] == 3]
+    assert len(at_end) == 1  # evaluated once at the last step, not again afterwards
+    fresh = result.trainer.evaluate()  # the same model, evaluated anew
+    assert result.metrics["final"]["loss"] == pytest.approx(fresh["eval_loss"], rel=1e-6)
+    assert result.metrics["final"]["accuracy"] == fresh["eval_accuracy"]
+
+
 def test_param_groups_are_structural(roberta_dir, tmp_path):
     recipe = roberta_recipe(roberta_dir, tmp_path, "edora", magnitude_learning_rate=2e-3, weight_decay=0.1)
     tok = load_tokenizer(recipe)
