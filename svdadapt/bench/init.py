@@ -34,7 +34,7 @@ MISTRAL_LAYER = (
 )
 # timed_layers of the 32 are timed and the total extrapolated (quick: at 1/scale of every dimension, x scale²);
 # the full solver runs on one layer at 1/full_scale of every dimension, x full_scale³ (dense SVD: out·in·min)
-FULL = {"layers": 32, "timed_layers": 2, "scale": 1, "full_scale": 4, "r": 16}
+FULL = {"layers": 32, "timed_layers": 4, "scale": 1, "full_scale": 4, "r": 16}
 ACCURACY_SHAPES = ((1024, 4096), (4096, 4096))
 ACCURACY_SHAPES_QUICK = ((1024, 4096),)
 QUICK = {"layers": 32, "timed_layers": 1, "scale": 8, "full_scale": 8, "r": 16}
