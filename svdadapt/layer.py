@@ -425,9 +425,9 @@ def _residual(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, s: float) -> to
 
     A block of rows at a time: no whole-W upcast copy, and each block is still in cache when it is
     rounded back (2.3x faster than one big addmm on a 14336 x 4096 bf16 weight)."""
-    out = torch.empty_like(w)
-    rows = max(1, _CHUNK_ELEMENTS // w.shape[1])
-    for start in range(0, w.shape[0], rows):
-        blk = slice(start, start + rows)
-        out[blk] = torch.addmm(w[blk].to(a.dtype), b[blk], a, alpha=-s)
+    out, start = torch.empty_like(w), 0
+    for blk in _row_blocks(w, a.dtype):
+        rows = slice(start, start + blk.shape[0])
+        out[rows] = torch.addmm(blk.to(a.dtype), b[rows], a, alpha=-s)
+        start = rows.stop
     return out

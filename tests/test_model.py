@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from tiny import VOCAB, build, output, train_steps
+from tiny import VOCAB, build, llama_config, output, train_steps
 from torch import nn
 
 import svdadapt
@@ -205,30 +205,12 @@ def test_loading_onto_a_different_shape_names_the_layer(tmp_path):
     import transformers as tf
 
     d = _saved(tmp_path)
-    wide = tf.LlamaForCausalLM(
-        tf.LlamaConfig(
-            vocab_size=VOCAB,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-        )
-    )
+    wide = tf.LlamaForCausalLM(llama_config(intermediate_size=128))
     with pytest.raises(
         ValueError, match=r"layer 'model.layers.0.mlp.gate_proj' has shape \(128, 64\) in the model but \(96, 64\)"
     ):
         svdadapt.load_adapter(wide, d)
-    deeper = tf.LlamaForCausalLM(
-        tf.LlamaConfig(
-            vocab_size=VOCAB,
-            hidden_size=64,
-            intermediate_size=96,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-        )
-    )
+    deeper = tf.LlamaForCausalLM(llama_config(num_hidden_layers=3))
     with pytest.raises(ValueError, match=r"target layers the adapter lacks: \['model.layers.2"):
         svdadapt.load_adapter(deeper, d)
 
