@@ -191,9 +191,21 @@ def param_groups(model: torch.nn.Module, training) -> list[dict]:
     ]
 
 
+def _load_trained(src: dict, dst: torch.nn.Module) -> None:
+    """Load a checkpoint's module state that holds the trained tensors only (DeepSpeed's custom_load_fn)."""
+    result = dst.load_state_dict(src, strict=False)
+    trained = {n for n, p in dst.named_parameters() if p.requires_grad}
+    missing = sorted(trained & set(result.missing_keys))
+    if missing or result.unexpected_keys:
+        raise ValueError(
+            f"the checkpoint does not match the model: trained tensors missing {missing[:5]}, "
+            f"unexpected {sorted(result.unexpected_keys)[:5]}; resume with the recipe that wrote it"
+        )
+
+
 def _trainer_class():
     import safetensors.torch
-    from transformers import Trainer, TrainerCallback
+    from transformers import Trainer
 
     class AdapterTrainer(Trainer):
         """The HF Trainer with structural param groups and checkpoints holding only what trains."""
@@ -210,8 +222,7 @@ def _trainer_class():
             return self.optimizer
 
         def _save(self, output_dir=None, state_dict=None):
-            # The trained tensors only: the frozen base is rebuilt from the recipe (and under DeepSpeed the
-            # engine's own checkpoint files are what --resume reads).
+            # The trained tensors only: the frozen base is rebuilt from the recipe.
             output_dir = output_dir or self.args.output_dir
             if self.args.should_save:
                 os.makedirs(output_dir, exist_ok=True)
@@ -221,15 +232,64 @@ def _trainer_class():
                 safetensors.torch.save_file(tensors, os.path.join(output_dir, "model.safetensors"), metadata={"format": "pt"})
                 torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
-    class MarkComplete(TrainerCallback):
-        """Mark a checkpoint complete once the Trainer has written all of it."""
+        def save_model(self, output_dir=None, _internal_call=False):
+            if not self.is_deepspeed_enabled:
+                return super().save_model(output_dir, _internal_call)
+            if _internal_call:  # a checkpoint: the engine's files, written next, hold the trained tensors
+                return None
+            zero3 = self.model_wrapped.zero_optimization_partition_weights()
+            # under ZeRO-3 gather the trained tensors only, never the partitioned frozen base
+            state = self.model_wrapped._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=True) if zero3 else None
+            return self._save(output_dir, state_dict=state)
 
-        def on_save(self, args, state, control, **kwargs):
-            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if state.is_world_process_zero and ckpt.is_dir():
-                (ckpt / COMPLETE).write_text(json.dumps({"step": state.global_step}) + "\n")
+        def _save_optimizer_and_scheduler(self, output_dir):
+            if not self.is_deepspeed_enabled:
+                return super()._save_optimizer_and_scheduler(output_dir)
+            # the engine's checkpoint without the frozen weights (the Trainer excludes them for peft models only)
+            from accelerate.utils import DeepSpeedSchedulerWrapper
 
-    return AdapterTrainer, MarkComplete
+            self.model_wrapped.save_checkpoint(output_dir, exclude_frozen_parameters=True)
+            if self.args.should_save and not isinstance(self.lr_scheduler, DeepSpeedSchedulerWrapper):
+                torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, "scheduler.pt"))
+            return None
+
+        def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
+            if not (self.is_deepspeed_enabled and resume_from_checkpoint):
+                return super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
+            # The Trainer loads a DeepSpeed checkpoint strictly unless the model is a peft one; ours holds the
+            # trained tensors only, so load it here, checking that exactly the frozen ones are missing.
+            model, loader = super()._prepare_for_training(max_steps, train_dataloader, None)
+            path, _ = self.model_wrapped.load_checkpoint(
+                resume_from_checkpoint, load_optimizer_states=True, load_lr_scheduler_states=True, custom_load_fn=_load_trained
+            )
+            if path is None:
+                raise ValueError(f"checkpoint {resume_from_checkpoint!r} holds no DeepSpeed engine state to resume from")
+            self._load_optimizer_and_scheduler(resume_from_checkpoint)
+            self._load_scaler(resume_from_checkpoint)
+            return model, loader
+
+        def _save_checkpoint(self, model, trial):
+            # Complete-only checkpoints: a directory left by a save that was cut short is replaced, the marker is
+            # written once every rank's files are on disk, and older checkpoints are deleted only after that.
+            run_dir = Path(self._get_output_dir(trial=trial))
+            ckpt = run_dir / f"checkpoint-{self.state.global_step}"
+            if self.args.should_save and ckpt.is_dir() and not (ckpt / COMPLETE).is_file():
+                shutil.rmtree(ckpt)
+            self.accelerator.wait_for_everyone()
+            limit, self.args.save_total_limit = self.args.save_total_limit, None
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self.args.save_total_limit = limit
+            self.accelerator.wait_for_everyone()
+            if self.args.should_save:
+                tmp = ckpt / (COMPLETE + ".tmp")
+                tmp.write_text(json.dumps({"step": self.state.global_step}) + "\n")
+                tmp.replace(ckpt / COMPLETE)
+                for old in complete_checkpoints(run_dir)[: -limit if limit else 0]:
+                    shutil.rmtree(old, ignore_errors=True)
+
+    return AdapterTrainer
 
 
 # --- the run ----------------------------------------------------------------------------------
@@ -402,7 +462,7 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, callba
                 shutil.rmtree(out)
             out.mkdir(parents=True, exist_ok=True)
             (out / "recipe.yaml").write_text(dump_recipe(recipe))
-    trainer_cls, mark = _trainer_class()
+    trainer_cls = _trainer_class()
     trainer = trainer_cls(
         recipe=recipe,
         model=model,
@@ -411,7 +471,7 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, callba
         eval_dataset=data.eval,
         data_collator=data.collator,
         compute_metrics=data.compute_metrics,
-        callbacks=[mark(), *callbacks],
+        callbacks=list(callbacks),
     )
     trained = time.time()
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)

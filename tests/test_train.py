@@ -240,6 +240,32 @@ def test_resume_continues_from_the_last_complete_checkpoint(llama_dir, tmp_path)
     assert steps.seen[0] == 5 and steps.seen[-1] == 8  # continued from step 4, not from 0 nor from the broken 6
     assert result.metrics["train_steps"] == 8
     assert [e["step"] for e in result.metrics["log_history"]] == [1, 2, 4, 6, 8]  # history carried over from the checkpoint
+    assert (half / "svdadapt_checkpoint.json").is_file() and (half / "model.safetensors").stat().st_size > 10
+
+
+def test_a_save_cut_short_leaves_the_last_checkpoint_usable(llama_dir, tmp_path, monkeypatch):
+    from transformers import Trainer
+
+    real = Trainer._save_rng_state
+
+    def dies_saving_step_4(self, output_dir):  # after the weights and optimizer of checkpoint-4 are written
+        if self.state.global_step == 4:
+            raise Interrupt("killed while saving")
+        return real(self, output_dir)
+
+    recipe = llama_recipe(llama_dir, tmp_path / "run", "edora", max_steps=6, save_steps=2, save_total_limit=1)
+    monkeypatch.setattr(Trainer, "_save_rng_state", dies_saving_step_4)
+    with pytest.raises(Interrupt):
+        run(recipe)
+    monkeypatch.undo()
+    # the limit of one checkpoint did not delete the complete one for the half-written one
+    assert [p.name for p in complete_checkpoints(tmp_path / "run")] == ["checkpoint-2"]
+    assert (tmp_path / "run" / "checkpoint-4" / "optimizer.pt").is_file()
+    (tmp_path / "run" / "checkpoint-4" / "stale.bin").write_bytes(b"\0")
+    result = run(recipe, resume=True)
+    assert result.metrics["train_steps"] == 6
+    assert [p.name for p in complete_checkpoints(tmp_path / "run")] == ["checkpoint-6"]
+    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-6"]
 
 
 def _plain(tmp_path, **data) -> dict:
@@ -375,15 +401,27 @@ def test_quickstart_recipe_runs(tmp_path, monkeypatch):
     assert (tmp_path / "qs" / "adapter" / "adapter_config.json").is_file()
 
 
+def _curve(metrics: dict) -> list[tuple]:
+    return [(e["step"], e["loss"], e["grad_norm"]) for e in metrics["log_history"]]
+
+
+def _checkpoint_bytes(ckpt: Path) -> int:
+    return sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file())
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("deepspeed", [None, "recipes/ds_zero2.json"])
-def test_killed_process_resumes(llama_dir, tmp_path, deepspeed):
-    """Kill the training process once a checkpoint is complete; --resume continues from it instead of redoing it."""
+@pytest.mark.parametrize("deepspeed", [None, "recipes/ds_zero2.json", "recipes/ds_zero3.json"])
+def test_killed_process_resumes_on_the_same_loss_curve(llama_dir, tmp_path, deepspeed):
+    """Kill the training process once a checkpoint is complete; --resume continues from it (instead of redoing it)
+    along the loss curve of an uninterrupted run, and every checkpoint holds the trained tensors only."""
     import signal
     import time
 
-    recipe = llama_recipe(llama_dir, tmp_path / "run", "edora", max_steps=12, save_steps=2, save_total_limit=None)
-    recipe = recipe_from_dict(recipe.to_dict() | {"training": recipe.to_dict()["training"] | {"deepspeed": deepspeed}})
+    def recipe_in(out):
+        r = llama_recipe(llama_dir, out, "dude", max_steps=12, save_steps=2, save_total_limit=None, logging_steps=1)
+        return recipe_from_dict(r.to_dict() | {"training": r.to_dict()["training"] | {"deepspeed": deepspeed}})
+
+    recipe = recipe_in(tmp_path / "run")
     path = tmp_path / "recipe.yaml"
     path.write_text(dump_recipe(recipe))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -400,7 +438,7 @@ def test_killed_process_resumes(llama_dir, tmp_path, deepspeed):
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
-    marker = tmp_path / "run" / "checkpoint-2" / "svdadapt_checkpoint.json"
+    marker = tmp_path / "run" / "checkpoint-4" / "svdadapt_checkpoint.json"
     deadline = time.time() + 600
     while not marker.is_file() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.2)
@@ -409,8 +447,16 @@ def test_killed_process_resumes(llama_dir, tmp_path, deepspeed):
     assert marker.is_file() and not (tmp_path / "run" / "metrics.json").exists(), "the run ended before it could be killed"
     done = complete_checkpoints(tmp_path / "run")
     stamp = {p.name: (p / "trainer_state.json").stat().st_mtime_ns for p in done}
-    m = _launch(launcher, recipe, tmp_path, ["--resume"])
-    assert m["train_steps"] == 12
+    resumed = _launch(launcher, recipe, tmp_path, ["--resume"])
+    assert resumed["train_steps"] == 12
     for p in done:  # checkpoints before the kill were not written again: training went on from the last one
         assert (p / "trainer_state.json").stat().st_mtime_ns == stamp[p.name]
-    assert [e["step"] for e in m["log_history"]] == [1, 2, 4, 6, 8, 10, 12]
+    whole = _launch(launcher, recipe_in(tmp_path / "whole"), tmp_path)
+    assert [s for s, _, _ in _curve(resumed)] == list(range(1, 13))
+    assert _curve(resumed) == pytest.approx(_curve(whole), rel=1e-5)
+    # the checkpoint holds no frozen weight: it is a few times the trained tensors' bytes (fp32 weight, two
+    # Adam moments, under DeepSpeed its module copy), a small part of the base's
+    trained = resumed["trainable_params"] * 4
+    base = sum(f.stat().st_size for f in llama_dir.glob("*.safetensors"))
+    size = _checkpoint_bytes(tmp_path / "run" / "checkpoint-12")
+    assert size < 4 * trained + 200_000 < base / 4, (size, trained, base)
