@@ -20,19 +20,28 @@ from svdadapt.methods import methods
 from svdadapt.model import count_plan
 
 
+def model_config(model: str, trust_remote_code: bool = False, what: str = "--model"):
+    """The transformers config of a hub id, model directory, or config.json (`what` names it in errors)."""
+    from transformers import AutoConfig
+
+    from svdadapt.paths import resolve_path
+
+    path = Path(resolve_path(model))
+    source = str(path.parent if path.is_file() else path if path.exists() else model)
+    try:
+        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ValueError(
+            f"{what} {model!r}: cannot read a model config there ({e.__class__.__name__}: {str(e).splitlines()[0]})"
+        ) from None
+
+
 def meta_model(model: str, trust_remote_code: bool = False) -> torch.nn.Module:
     """The model a config describes (hub id, model directory, or config.json), on the meta device."""
     import transformers
-    from transformers import AutoConfig, AutoModel
+    from transformers import AutoModel
 
-    path = Path(model)
-    source = str(path.parent if path.is_file() else model)
-    try:
-        cfg = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise ValueError(
-            f"--model {model!r}: cannot read a model config there ({e.__class__.__name__}: {str(e).splitlines()[0]})"
-        ) from None
+    cfg = model_config(model, trust_remote_code)
     arch = (getattr(cfg, "architectures", None) or [None])[0]
     cls = getattr(transformers, arch, None) if arch else None
     with torch.device("meta"):

@@ -9,7 +9,8 @@ Memory: `PeakTensorBytes` is a `TorchDispatchMode` that sees every tensor an ATe
 backward and optimizer step alike), counts the bytes of each fresh storage while it is alive (a
 `weakref.finalize` on the storage removes it), and keeps the peak. Views and in-place results share
 an input's storage and count nothing. It measures what the computation allocates on top of what
-existed before, free of allocator caching and RSS noise, so it is exact and repeatable on CPU.
+existed before, free of allocator caching and RSS noise, so it is exact and repeatable on CPU; on the
+meta device it counts what the same computation would allocate.
 """
 
 from __future__ import annotations
@@ -44,12 +45,13 @@ class PeakTensorBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        inputs = {a.untyped_storage().data_ptr() for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)}
+        # storages are told apart by their C object, which meta tensors (no data pointer) have too
+        inputs = {a.untyped_storage()._cdata for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)}
         for t in tree_flatten(out)[0]:
-            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+            if not isinstance(t, torch.Tensor):
                 continue
             storage = t.untyped_storage()
-            key, size = storage.data_ptr(), storage.nbytes()
+            key, size = storage._cdata, storage.nbytes()
             if size == 0 or key in inputs or key in self.live:
                 continue
             self.live[key] = size
