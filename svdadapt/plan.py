@@ -14,7 +14,8 @@ seconds. Per GPU, under no ZeRO (one process per GPU, or torch DDP), ZeRO-2 and 
   checkpointing: one training step's forward and backward is run on the meta device while every
   tensor it creates is counted as long as it lives (the peak; attention as flash attention keeps
   it: q, k, v, output and log-sum-exp, no (length x length) matrix);
-- the checkpoint size and the SVD initialisation's arithmetic, as a time at `--tflops`.
+- the checkpoint size, and the SVD initialisation's arithmetic and hashing as a time on this machine's
+  CPU (measured rates) and on a GPU at `--tflops`.
 
 The start factors residual methods keep (pissa/dude init_A, init_B) live off the accelerator and
 are not counted.
@@ -109,30 +110,32 @@ class Sizes:
     largest_block: int  # parameters of the largest block ZeRO-3 gathers at once
 
 
+def _buffer_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the buffers on the accelerator: residual methods' start factors (init_A, init_B) are not."""
+    skip = {"init_A", "init_B"}
+    return sum(b.numel() * b.element_size() for n, b in model.named_buffers() if n.rsplit(".", 1)[-1] not in skip)
+
+
 def sizes(model: torch.nn.Module) -> Sizes:
     from accelerate.utils import calculate_maximum_sizes
 
     params = list(model.parameters())
     trained = [p for p in params if p.requires_grad]
     frozen = [p for p in params if not p.requires_grad]
-    names = {"init_A", "init_B"}  # residual methods' start factors: kept off the accelerator
-    buffers = sum(b.numel() * b.element_size() for n, b in model.named_buffers() if n.rsplit(".", 1)[-1] not in names)
     _, (largest, _) = calculate_maximum_sizes(model)
     bytes_per = next(p.element_size() for p in frozen) if frozen else 2
     return Sizes(
         sum(p.numel() for p in trained),
         sum(p.numel() for p in frozen),
         sum(p.numel() * p.element_size() for p in frozen),
-        buffers,
+        _buffer_bytes(model),
         largest // bytes_per,
     )
 
 
 def _tensor_bytes(model: torch.nn.Module) -> int:
-    """Bytes of every parameter and buffer on the accelerator (residual methods' start factors are not)."""
-    skip = {"init_A", "init_B"}
-    buffers = sum(b.numel() * b.element_size() for n, b in model.named_buffers() if n.rsplit(".", 1)[-1] not in skip)
-    return sum(p.numel() * p.element_size() for p in model.parameters()) + buffers
+    """Bytes of every parameter and buffer on the accelerator."""
+    return sum(p.numel() * p.element_size() for p in model.parameters()) + _buffer_bytes(model)
 
 
 def adapter_footprint(recipe: Recipe, config_path: str | None = None, batch: int | None = None) -> list[dict]:
@@ -318,7 +321,7 @@ def report(recipe: Recipe, gpus: int, gpu_memory: float, tflops: float, config_p
         "",
         f"checkpoint: {_gb(ckpt)} GB each (trained tensors and AdamW state, nothing frozen); "
         f"save_total_limit {t.save_total_limit} keeps {_gb(ckpt * (t.save_total_limit or 1))} GB",
-        f"SVD initialisation: {flops / 1e12:.1f} TFLOP and {_gb(hashed)} GB hashed; on this machine's CPU "
+        f"SVD initialisation: {flops / 1e12:.3g} TFLOP and {_gb(hashed)} GB hashed; on this machine's CPU "
         f"({rate / 1e9:.0f} GFLOP/s measured) about {flops / rate + hashing:.0f} s, on a GPU at {tflops:g} TFLOP/s "
         f"about {flops / (tflops * 1e12) + hashing:.0f} s "
         f"(it runs where the weights are loaded: the CPU without ZeRO-3, every rank's GPU under ZeRO-3)",
