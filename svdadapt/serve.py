@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from svdadapt import norm
 from svdadapt.config import AdapterConfig
 from svdadapt.model import _replace, adapter_config, adapter_layers, find_targets, initialize_layer, wrap
 
@@ -66,7 +67,8 @@ class BankLayer(nn.Module):
         for key in ("_w_sq", "_C", "_G"):
             self.register_buffer(key, getattr(layer, key), persistent=False)
         self.register_buffer("R", torch.zeros(1, self.r, self.r, dtype=dtype, device=a.device))  # slot 0: the base model
-        self.register_buffer("g", torch.ones(1, self.out_features, dtype=dtype, device=a.device))
+        # g in the adapter's precision whatever `dtype`: rounded to bfloat16, g ≈ 1 would lose the magnitude's effect
+        self.register_buffer("g", torch.ones(1, self.out_features, dtype=a.dtype, device=a.device))
         self._sel_key, self._sel = None, None
 
     @torch.no_grad()
@@ -74,9 +76,9 @@ class BankLayer(nn.Module):
         """g = m / ‖W + s·B R A‖_row (out,) for one adapter, in closed form; ones without magnitude."""
         if magnitude is None:
             return torch.ones(self.out_features, dtype=self._w_sq.dtype, device=self._w_sq.device)
-        s, p = self.scaling, self.basis_B @ r_mat.to(self.basis_B)
-        n2 = self._w_sq + 2 * s * (self._C * p).sum(1) + s * s * ((p @ self._G) * p).sum(1)
-        return magnitude.to(n2) / n2.clamp_min(torch.finfo(n2.dtype).tiny).sqrt()
+        p = self.basis_B @ r_mat.to(self.basis_B)
+        n = norm.closed_form_norm(self._w_sq, self._C, p, p @ self._G, self.scaling)
+        return magnitude.to(n) / n
 
     @torch.no_grad()
     def set_slot(self, slot: int, r_mat: torch.Tensor, g: torch.Tensor) -> None:
@@ -106,14 +108,16 @@ class BankLayer(nn.Module):
         """(batch, ..., in) -> (batch, ..., out); sequence b uses slot `routing.index[b]`."""
         batch, shape = x.shape[0], x.shape
         rt, g = self._selected(batch)
-        y = self.kind.forward(self.base_layer, x, bias=False)  # (batch, ..., out)
+        y = self.kind.forward(self.base_layer, x, bias=True)  # (batch, ..., out), bias included
         h = F.linear(x.to(self.A.dtype), self.A).reshape(batch, -1, self.r)  # (batch, T, r)
         h = torch.bmm(h, rt)  # (batch, T, r): each sequence its own R
         y = torch.addmm(y.reshape(-1, self.out_features), h.reshape(-1, self.r).to(y.dtype), self.sBT.to(y.dtype))
-        y = y.view(batch, -1, self.out_features).mul_(g.to(y.dtype))  # (batch, T, out)
+        y = y.view(batch, -1, self.out_features)  # ypre (batch, T, out)
         bias = getattr(self.base_layer, "bias", None)
-        if bias is not None:
-            y = y.add_(bias.to(y.dtype))
+        if bias is None:
+            y = torch.mul(y, g, out=y)  # in float32, rounded once
+        else:  # g ⊙ (ypre − bias) + bias, as AdapterLayer
+            y = torch.addcmul((1 - g) * bias, y, g, out=y)
         return y.view(*shape[:-1], self.out_features)
 
 
@@ -125,7 +129,7 @@ class AdapterBank(nn.Module):
         config: the shared basis: r, alpha, target_modules, frozen_factors, singular_values_on, SVD
             settings (and seed, for random frozen factors). Every added adapter must agree with it;
             `method` may be "edora" or "loraxs", and adapters of both kinds can share one bank.
-        dtype: storage and compute dtype of R and g; None takes the base weights' dtype.
+        dtype: storage and compute dtype of R; None takes the base weights' dtype. g is kept in float32.
     """
 
     def __init__(self, model: nn.Module, config: AdapterConfig, dtype: torch.dtype | None = None):
@@ -357,7 +361,7 @@ def _benchmark(quick: bool) -> dict:
         "bank_decode_tokens_per_s": batch * new / bank_d,
         "decode_throughput_ratio": decode_ratio,
         "bytes_per_adapter": bank.bytes_per_adapter(),
-        "expected_bytes_per_adapter": sum(r * r + o for o, _ in shapes) * value_bytes,
+        "expected_bytes_per_adapter": sum(r * r * value_bytes + o * 4 for o, _ in shapes),
         "lora_bytes_per_adapter": lora_values * value_bytes,
         "bank_build_s": build_s,
         "torch_threads": torch.get_num_threads(),

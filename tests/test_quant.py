@@ -101,15 +101,14 @@ def test_layer_forward_equals_dequantized_reference(method, quant):
 
 @pytest.mark.parametrize("quant", QUANTS)
 def test_blockwise_weight_times_at_matches_dense(quant, monkeypatch):
-    import svdadapt.quant as sq
-
     base = quantize_linear(torch.nn.Linear(128, 48, bias=False), quant)
     kind = svdadapt.layer.base_kind(base)
     w = kind.weight(base).float()
     a = torch.randn(6, 128, requires_grad=True)
     dc = torch.randn(48, 6)
-    monkeypatch.setattr(sq, "_BLOCK_ELEMENTS", 128 * 5)  # 10 blocks of 5 rows (the last of 3)
-    c = kind.weight_times_at(base, a)
+    monkeypatch.setattr(svdadapt.norm, "BLOCK_ELEMENTS", 128 * 5)  # 10 blocks of 5 rows (the last of 3)
+    assert [blk.shape[0] for blk in kind.row_blocks(base, torch.float32)] == [5] * 9 + [3]
+    c = svdadapt.norm.weight_times_at(lambda dtype: kind.row_blocks(base, dtype), a)
     (grad,) = torch.autograd.grad(c, a, dc)
     torch.testing.assert_close(c, w @ a.T.detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grad, dc.T @ w, rtol=1e-5, atol=1e-5)
