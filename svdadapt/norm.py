@@ -13,6 +13,7 @@ arithmetic, so a fix or a new base kind touches one place.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator
 
 import torch
@@ -80,7 +81,7 @@ def split_low_precision(a: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tens
     W [hi; lo·2ᵏ]ᵀ, instead of a float32 GEMM: A keeps ~2⁻¹⁷ relative precision where A rounded to
     bfloat16 would keep 2⁻⁹. lo is scaled by 2ᵏ so that float16 does not flush it to subnormals.
     """
-    k = torch.finfo(dtype).nmant + 1
+    k = round(-math.log2(torch.finfo(dtype).eps)) + 1  # mantissa bits + 1
     hi = a.to(dtype)
     lo = ((a - hi.to(a.dtype)) * 2.0**k).to(dtype)
     return hi, lo, 2.0**-k
