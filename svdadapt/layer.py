@@ -146,11 +146,11 @@ class AdapterLayer(nn.Module):
     The factors are allocated but not initialised: call `initialize(factors)` (or load a state).
     Adapter tensors are float32 (float64 for a float64 base), whatever the base's dtype.
 
-    Precision (DESIGN.md §3). The base layer runs as it is, in its own dtype or autocast's, and its
-    output's dtype is the layer's output dtype. Products over tokens (x Aᵀ, h Bᵀ and their gradients)
-    run in that dtype with float32 accumulation; R, the norm, g = m / n and the gradients of R and m
-    are float32; the scale is applied as g ⊙ ypre + (1 − g) ⊙ bias computed in float32 and rounded
-    once, so a change of m by a part in 10⁴ moves a bfloat16 output (g rounded to bfloat16 would not).
+    Precision (DESIGN.md §3). The base matmul runs as the base layer runs alone, in its own dtype or
+    autocast's, and its output's dtype is the layer's output dtype. Products over tokens (x Aᵀ, h Bᵀ
+    and their gradients) run in that dtype with float32 accumulation; R, the norm, g = m / n and the
+    gradients of R and m are float32; g ⊙ ypre + bias is computed in float32 and rounded once, so a
+    change of m by a part in 10⁴ moves a bfloat16 output (g rounded to bfloat16 first would not).
     """
 
     def __init__(
@@ -302,7 +302,7 @@ class AdapterLayer(nn.Module):
                 f"the base weight under this {self.method.name} adapter has requires_grad=True; an adapter layer keeps "
                 "it frozen (its row norms are cached). Train the adapter's factors, or list the module in modules_to_save"
             )
-        y = self.kind.forward(self.base_layer, x, bias=True)  # (..., out): the base layer as it runs alone
+        y = self.kind.forward(self.base_layer, x, bias=self.magnitude is None)  # (..., out): x Wᵀ (+ bias)
         xd = self.dropout(x)
         dev = y.device.type
         if torch.is_autocast_enabled(dev):  # the step casts explicitly: autocast must not recast its float32 parts
@@ -344,18 +344,18 @@ def _mm(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 class _AdapterStep(torch.autograd.Function):
-    """The adapter's part of `AdapterLayer`, forward and backward in one node, on the base layer's output y.
+    """The adapter's part of `AdapterLayer`, forward and backward in one node, on the base matmul's output y.
 
     Forward, with cd = y's dtype and every small product in the adapter's dtype (float32):
 
-        ypre = y + s·((d(x) Aᵀ) Rᵀ) Bᵀ                 (N, out), in cd: one rounding
-        out  = g ⊙ ypre + (1 − g) ⊙ bias,   g = m / n   in float32, rounded once to cd
+        ypre = y + s·((d(x) Aᵀ) Rᵀ) Bᵀ              (N, out), in cd: one rounding
+        out  = g ⊙ ypre + bias,   g = m / n          in float32, rounded once to cd
 
-    (y carries the base layer's bias, so g ⊙ (ypre − bias) + bias is written as above.) It saves what a
-    LoRA saves (d(x) and h1 = d(x) Aᵀ) and, with a magnitude, ypre and n; it writes `out` into y's
-    storage. Backward (DESIGN.md §3):
+    (without a magnitude, y already carries the bias and out = ypre). It saves what a LoRA saves (d(x)
+    and h1 = d(x) Aᵀ) and, with a magnitude, ypre and n; it writes `out` into y's storage. Backward
+    (DESIGN.md §3):
 
-        dL/dg = Σ_tokens grad ⊙ (ypre − bias),   dL/dm = dL/dg / n,   dL/dypre = g ⊙ grad  (= dL/dy)
+        dL/dg = Σ_tokens grad ⊙ ypre,   dL/dm = dL/dg / n,   dL/dypre = g ⊙ grad  (= dL/dy)
         then the low-rank chain rule, and for norm="exact" the gradient of n through
         n² = ‖W‖² + 2s⟨C, P⟩ + s²⟨P G, P⟩:  dL/dP = 2s·dL/dn² ⊙ (C + s·P G),  dL/dC = 2s·dL/dn² ⊙ P,
         dL/dG = s²·Pᵀ (dL/dn² ⊙ P),  dL/dA = dL/dCᵀ W + (dL/dG + dL/dGᵀ) A.
@@ -388,7 +388,7 @@ class _AdapterStep(torch.autograd.Function):
         if bias is None:
             torch.mul(ypre, g, out=out2)
         else:
-            torch.addcmul((1 - g) * bias.detach(), ypre, g, out=out2)
+            torch.addcmul(bias.detach(), ypre, g, out=out2)
         keep_c = layer.exact_norm and layer.lora_A.requires_grad  # else C is cached, or not needed
         ctx.save_for_backward(x2, a, b, rr, h1, ypre, n, m, bias, c if keep_c else None)
         return out
@@ -402,14 +402,11 @@ class _AdapterStep(torch.autograd.Function):
         cd, ad = h1.dtype, a.dtype
         gy = grad.reshape(-1, grad.shape[-1])  # (N, out)
         grad_m = grad_bias = None
-        if mag:  # out = g ⊙ ypre + (1 − g) ⊙ bias
+        if mag:  # out = g ⊙ ypre + bias
             ypre, n, m, bias, c = mag
             g = m / n
             grad_g = (gy * ypre).sum(0, dtype=ad)  # (out,)
-            if bias is not None:
-                gsum = gy.sum(0, dtype=ad)
-                grad_g -= bias.to(ad) * gsum
-                grad_bias = ((1 - g) * gsum).to(bias.dtype) if need_bias else None
+            grad_bias = gy.sum(0, dtype=bias.dtype) if need_bias else None
             grad_m = grad_g / n if need_m else None
             grad_ypre = torch.mul(gy, g, out=torch.empty_like(gy))  # (N, out), g ⊙ grad rounded once
         else:

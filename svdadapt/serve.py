@@ -108,16 +108,16 @@ class BankLayer(nn.Module):
         """(batch, ..., in) -> (batch, ..., out); sequence b uses slot `routing.index[b]`."""
         batch, shape = x.shape[0], x.shape
         rt, g = self._selected(batch)
-        y = self.kind.forward(self.base_layer, x, bias=True)  # (batch, ..., out), bias included
+        y = self.kind.forward(self.base_layer, x, bias=False)  # (batch, ..., out)
         h = F.linear(x.to(self.A.dtype), self.A).reshape(batch, -1, self.r)  # (batch, T, r)
         h = torch.bmm(h, rt)  # (batch, T, r): each sequence its own R
         y = torch.addmm(y.reshape(-1, self.out_features), h.reshape(-1, self.r).to(y.dtype), self.sBT.to(y.dtype))
         y = y.view(batch, -1, self.out_features)  # ypre (batch, T, out)
         bias = getattr(self.base_layer, "bias", None)
-        if bias is None:
-            y = torch.mul(y, g, out=y)  # in float32, rounded once
-        else:  # g ⊙ (ypre − bias) + bias, as AdapterLayer
-            y = torch.addcmul((1 - g) * bias, y, g, out=y)
+        if bias is None:  # g ⊙ ypre (+ bias) in float32, rounded once, as AdapterLayer
+            y = torch.mul(y, g, out=y)
+        else:
+            y = torch.addcmul(bias, y, g, out=y)
         return y.view(*shape[:-1], self.out_features)
 
 
