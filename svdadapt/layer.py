@@ -419,8 +419,10 @@ class _AdapterStep(torch.autograd.Function):
         grad_a = _mm(grad_h1.to(cd).T, x2, ad) if need_a else None  # (r, in)
         grad_xd = (grad_h1.to(cd) @ a.to(cd)).view(ctx.xd_shape).to(ctx.xd_dtype) if need_xd else None
         if mag and layer.exact_norm:
-            c_now, p, pg = layer._norm_parts()[1:]
-            c = c_now if c is None else c
+            # C = W Aᵀ was kept from forward when A trains; else it is cached (A frozen): no product with W here
+            c, gram = layer._c_and_g() if c is None else (c, a @ a.T)
+            p = b if rr is None else b @ rr  # (out, r)
+            pg = p @ gram
             dn2 = -grad_g * g / (2 * n * n)  # (out,): dL/dn² = dL/dn / (2n), dL/dn = −dL/dg · g / n
             grad_p = (c + s * pg).mul_((2 * s * dn2)[:, None])  # (out, r)
             if need_b:
