@@ -389,8 +389,8 @@ class _AdapterStep(torch.autograd.Function):
             torch.mul(ypre, g, out=out2)
         else:
             torch.addcmul(bias.detach(), ypre, g, out=out2)
-        keep_c = layer.exact_norm and layer.lora_A.requires_grad  # else C is cached, or not needed
-        ctx.save_for_backward(x2, a, b, rr, h1, ypre, n, m, bias, c if keep_c else None)
+        save_c = layer.exact_norm and layer.lora_A.requires_grad  # else C is cached, or not needed
+        ctx.save_for_backward(x2, a, b, rr, h1, ypre, n, m, bias, c if save_c else None)
         return out
 
     @staticmethod
@@ -398,12 +398,12 @@ class _AdapterStep(torch.autograd.Function):
     def backward(ctx, grad):
         layer, s = ctx.layer, ctx.layer.scaling
         _, need_xd, need_a, need_b, need_r, need_m, need_bias, _ = ctx.needs_input_grad
-        x2, a, b, rr, h1, *mag = ctx.saved_tensors
+        x2, a, b, rr, h1, *with_magnitude = ctx.saved_tensors
         cd, ad = h1.dtype, a.dtype
         gy = grad.reshape(-1, grad.shape[-1])  # (N, out)
         grad_m = grad_bias = None
-        if mag:  # out = g ⊙ ypre + bias
-            ypre, n, m, bias, c = mag
+        if with_magnitude:  # out = g ⊙ ypre + bias
+            ypre, n, m, bias, c = with_magnitude
             g = m / n
             grad_g = (gy * ypre).sum(0, dtype=ad)  # (out,)
             grad_bias = gy.sum(0, dtype=bias.dtype) if need_bias else None
@@ -418,20 +418,20 @@ class _AdapterStep(torch.autograd.Function):
         grad_h1 = grad_h if rr is None else grad_h @ rr  # (N, r)
         grad_a = _mm(grad_h1.to(cd).T, x2, ad) if need_a else None  # (r, in)
         grad_xd = (grad_h1.to(cd) @ a.to(cd)).view(ctx.xd_shape).to(ctx.xd_dtype) if need_xd else None
-        if mag and layer.exact_norm:
+        if with_magnitude and layer.exact_norm:
             # C = W Aᵀ was kept from forward when A trains; else it is cached (A frozen): no product with W here
             c, gram = layer._c_and_g() if c is None else (c, a @ a.T)
             p = b if rr is None else b @ rr  # (out, r)
             pg = p @ gram
-            dn2 = -grad_g * g / (2 * n * n)  # (out,): dL/dn² = dL/dn / (2n), dL/dn = −dL/dg · g / n
-            grad_p = (c + s * pg).mul_((2 * s * dn2)[:, None])  # (out, r)
+            grad_n2 = -grad_g * g / (2 * n * n)  # (out,): dL/dn² = dL/dn / (2n), dL/dn = −dL/dg · g / n
+            grad_p = (c + s * pg).mul_((2 * s * grad_n2)[:, None])  # (out, r)
             if need_b:
                 grad_b = grad_b + (grad_p if rr is None else grad_p @ rr.T)
             if need_r:
                 grad_r = grad_r + b.T @ grad_p
             if need_a:
-                grad_c = p * (2 * s * dn2)[:, None]  # (out, r)
-                grad_gram = p.T @ (p * (s * s * dn2)[:, None])  # (r, r)
+                grad_c = p * (2 * s * grad_n2)[:, None]  # (out, r)
+                grad_gram = p.T @ (p * (s * s * grad_n2)[:, None])  # (r, r)
                 blocks = layer.kind.row_blocks(layer.base_layer, ad)
                 grad_a = grad_a + norm.weight_t_times(blocks, grad_c) + (grad_gram + grad_gram.T) @ a
         return grad_ypre.view(grad.shape), grad_xd, grad_a, grad_b, grad_r, grad_m, grad_bias, None
