@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -44,11 +45,16 @@ _BASIS_FIELDS = (
 )
 
 
-class _Routing:
-    """The adapter slot of every sequence of the batch being run, shared by all bank layers."""
+class _Routing(threading.local):
+    """The adapter slot of every sequence of the batch being run, shared by all bank layers.
 
-    index: torch.Tensor | None = None
-    version: int = 0  # bumped on every bank call: within one call a layer gathers its R, g once
+    Thread-local: two threads serving one bank each see their own batch's routing (and gathered R, g).
+    """
+
+    def __init__(self):
+        self.index: torch.Tensor | None = None
+        self.version = 0  # bumped on every bank call: within one call a layer gathers its R, g once
+        self.selected: dict[int, tuple] = {}  # id(layer) -> (key, (R[idx]ᵀ, g[idx])) of this call
 
 
 class BankLayer(nn.Module):
@@ -69,7 +75,6 @@ class BankLayer(nn.Module):
         self.register_buffer("R", torch.zeros(1, self.r, self.r, dtype=dtype, device=a.device))  # slot 0: the base model
         # g in the adapter's precision whatever `dtype`: rounded to bfloat16, g ≈ 1 would lose the magnitude's effect
         self.register_buffer("g", torch.ones(1, self.out_features, dtype=a.dtype, device=a.device))
-        self._sel_key, self._sel = None, None
 
     @torch.no_grad()
     def scale_for(self, r_mat: torch.Tensor, magnitude: torch.Tensor | None) -> torch.Tensor:
@@ -94,15 +99,17 @@ class BankLayer(nn.Module):
         idx, key = self.routing.index, (self.routing.version, batch)
         if idx is None:
             raise RuntimeError("BankLayer called outside AdapterBank: call the bank, not the wrapped model")
-        if self._sel_key != key:
+        key_sel = self.routing.selected.get(id(self))
+        if key_sel is None or key_sel[0] != key:
             if batch != idx.shape[0]:  # generate() expanded the batch (beams, several samples per prompt)
                 if batch % idx.shape[0]:
                     raise ValueError(
                         f"batch of {batch} sequences but {idx.shape[0]} adapter_ids; give one adapter id per sequence"
                     )
                 idx = idx.repeat_interleave(batch // idx.shape[0])
-            self._sel_key, self._sel = key, (self.R[idx].transpose(1, 2), self.g[idx].unsqueeze(1))
-        return self._sel
+            key_sel = key, (self.R[idx].transpose(1, 2), self.g[idx].unsqueeze(1))
+            self.routing.selected[id(self)] = key_sel
+        return key_sel[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(batch, ..., in) -> (batch, ..., out); sequence b uses slot `routing.index[b]`."""
@@ -254,8 +261,7 @@ class AdapterBank(nn.Module):
             return fn(input_ids=input_ids, **kwargs)
         finally:
             self.routing.index = None
-            for layer in self.layers.values():
-                layer._sel_key = layer._sel = None  # drop the gathered tensors
+            self.routing.selected.clear()  # drop the gathered tensors
 
     def forward(self, input_ids: torch.Tensor, adapter_ids, **kwargs):
         """The base model's forward; sequence b runs with adapter `adapter_ids[b]` (None: no adapter)."""
