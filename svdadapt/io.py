@@ -51,7 +51,7 @@ def atomic_directory(directory: str | os.PathLike):
 
 
 def _version() -> str:
-    from svdadapt import __version__
+    from svdadapt.version import __version__
 
     return __version__
 

@@ -103,9 +103,17 @@ def register_base_kind(kind: type, first: bool = True) -> None:
     BASE_KINDS.insert(0 if first else len(BASE_KINDS), kind)
 
 
+def _register_known_kinds(module: nn.Module) -> None:
+    """A bitsandbytes layer brings in `svdadapt.quant`, which registers its kinds (ahead of `LinearKind`,
+    which its classes subclass): no import of svdadapt registers them as a side effect."""
+    if type(module).__module__.startswith("bitsandbytes"):
+        import svdadapt.quant  # noqa: F401
+
+
 def base_kind(module: nn.Module, name: str = "") -> type:
     """The first registered kind that matches `module`; raises naming the module if none does, or if
     its weight has a dtype the kind cannot serve (e.g. float8 without a registered kind)."""
+    _register_known_kinds(module)
     for kind in BASE_KINDS:
         if kind.matches(module):
             dtypes = getattr(kind, "dtypes", None)
@@ -126,6 +134,7 @@ def base_kind(module: nn.Module, name: str = "") -> type:
 
 
 def is_supported(module: nn.Module) -> bool:
+    _register_known_kinds(module)
     return any(kind.matches(module) for kind in BASE_KINDS)
 
 
