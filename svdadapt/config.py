@@ -71,9 +71,17 @@ class AdapterConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        from svdadapt.methods import get_method
+        from svdadapt.methods import METHOD_OPTIONS, get_method, methods
 
-        get_method(self.method)  # raises with the registered names
+        method = get_method(self.method)  # raises with the registered names
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for name in METHOD_OPTIONS:
+            if method.options is not None and name not in method.options and getattr(self, name) != defaults[name]:
+                users = [m for m in methods() if get_method(m).options is None or name in get_method(m).options]
+                raise ValueError(
+                    f"AdapterConfig.{name}={getattr(self, name)!r} has no effect on method {self.method!r}; it is an "
+                    f"option of {users}. Leave it at its default ({defaults[name]!r}) or pick one of those methods"
+                )
         _check(isinstance(self.r, int) and not isinstance(self.r, bool) and self.r > 0, "r", self.r, "a positive integer")
         if self.alpha is not None:
             _check(
