@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 from svdadapt.svd import SKETCHES, SOLVERS, SVDSettings
 
+_SVD = SVDSettings()
+
 _CHOICES = {
     "singular_values_on": ("B", "A"),
     "frozen_factors": ("svd", "random"),
@@ -62,12 +64,12 @@ class AdapterConfig:
     singular_values_on: str = "B"
     frozen_factors: str = "svd"
     norm: str = "detached"
-    svd_solver: str = "full"
-    svd_dtype: str = "float32"
-    svd_oversample: int = 48
-    svd_niter: int = 3
-    svd_sketch: str = "weight"
-    svd_cache_dir: str | None = field(default=None, compare=False)
+    svd_solver: str = _SVD.solver  # the SVD settings' defaults live in svdadapt.svd.SVDSettings alone
+    svd_dtype: str = _SVD.dtype
+    svd_oversample: int = _SVD.oversample
+    svd_niter: int = _SVD.niter
+    svd_sketch: str = _SVD.sketch
+    svd_cache_dir: str | None = field(default=_SVD.cache_dir, compare=False)
     seed: int = 0
 
     def __post_init__(self) -> None:
