@@ -24,6 +24,7 @@ are not counted.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from dataclasses import dataclass
@@ -72,7 +73,24 @@ def meta_model(recipe: Recipe, config_path: str | None = None) -> torch.nn.Modul
     model = apply(meta_base(recipe, config_path), recipe.adapter, progress=False, initialize=False)
     for _, layer in adapter_layers(model):
         layer.refresh()  # the cached norm terms a step reads: shapes only, on meta
+    activation_bytes(model, 1, 1, False, recipe.model.task != "sequence_classification")  # terms cached at first use
     return model
+
+
+@contextlib.contextmanager
+def _no_meta_autocast():
+    """`torch.is_autocast_enabled("meta")` raises (autocast knows no meta device); answer False for it, as
+    there is no autocast on meta, while the step runs."""
+    real = torch.is_autocast_enabled
+
+    def enabled(*args):
+        return False if args and str(args[0]) == "meta" else real(*args)
+
+    torch.is_autocast_enabled = enabled
+    try:
+        yield
+    finally:
+        torch.is_autocast_enabled = real
 
 
 def activation_bytes(model: torch.nn.Module, batch: int, length: int, checkpointing: bool, causal: bool = True) -> int:
@@ -91,7 +109,7 @@ def activation_bytes(model: torch.nn.Module, batch: int, length: int, checkpoint
         p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None)) for p in model.parameters() if p.requires_grad
     ]
     try:
-        with PeakTensorBytes() as live:
+        with _no_meta_autocast(), PeakTensorBytes() as live:
             model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss.backward()
     finally:
         for h in hooks:
