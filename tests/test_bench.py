@@ -38,6 +38,7 @@ def tiny_plans(monkeypatch):
     monkeypatch.setattr(model_suite, "QUICK", tiny)
     monkeypatch.setattr(init_suite, "QUICK", {"layers": 32, "timed_layers": 1, "scale": 64, "full_scale": 64, "r": 4})
     monkeypatch.setattr(init_suite, "ACCURACY_SHAPES_QUICK", ((96, 160),))
+    monkeypatch.setattr(init_suite, "FINGERPRINT_SHAPES", ((64, 32),))
     real = init_suite.minilm_weights
     monkeypatch.setattr(init_suite, "minilm_weights", lambda: real()[:2])
 
@@ -72,13 +73,15 @@ def test_quick_run_writes_json_with_every_suite(tiny_plans, tmp_path, capsys, mo
     errors = init["accuracy"]["rows"]
     assert any(r["matrix"].startswith("power law") for r in errors)
     assert all(0 <= r["rel_error"] < 2 for r in errors)
+    (speed,) = init["fingerprint"]
+    assert speed["shape"] == "64x32" and speed["mb"] == 64 * 32 * 2 / 1e6 and speed["new_gb_s"] > 0 and speed["old_gb_s"] > 0
 
     bank = result["bank"]["result"]
     assert bank["distinct_adapters_in_batch"] == bank["batch"] and bank["throughput_ratio"] > 0
     assert bank["bytes_per_adapter"] == bank["expected_bytes_per_adapter"] < bank["lora_bytes_per_adapter"]
     assert all({"target", "value", "met"} <= set(t) for t in result["targets"])
     printed = capsys.readouterr().out
-    assert "| out x in |" in printed and md.read_text() == printed.rstrip("\n") + "\n"
+    assert "| out x in |" in printed and "| xxh3-128 (v2) |" in printed and md.read_text() == printed.rstrip("\n") + "\n"
 
 
 @pytest.mark.parametrize("argv", [["--suite", "layers"], ["--suite", ""], ["--threads", "0"]])

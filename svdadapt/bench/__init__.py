@@ -72,6 +72,8 @@ def targets(result: dict) -> list[dict]:
             round(t["seconds"], 1),
             t["seconds"] <= 60,
         )
+        for row in init.get("fingerprint", []):
+            add(f"fingerprint of a {row['shape']} bf16 weight >= 5 GB/s", round(row["new_gb_s"], 2), row["new_gb_s"] >= 5)
         decay = [r for r in init["accuracy"]["rows"] if r["matrix"].startswith("power law")]
         for row in decay:
             add(f"randomized rel. error <= 1%: {row['matrix']}", round(row["rel_error"], 5), row["rel_error"] <= 0.01)
@@ -111,6 +113,11 @@ def render(result: dict) -> str:
             ("peft_rel_error", "rel. error, peft pissa_niter_4 (svd_lowrank q=r, 4 iterations)", ".5f"),
         ]
         parts.append(table(acc["rows"], cols))
+        if result["init"].get("fingerprint"):
+            parts.append("\nbase-weight fingerprint, GB/s (median of interleaved repetitions):\n")
+            cols = [("shape", "out x in", ""), ("dtype", "dtype", ""), ("mb", "MB", ".0f"), ("new_gb_s", "xxh3-128 (v2)", ".2f"),
+                    ("old_gb_s", "sha256 (v1)", ".2f"), ("speedup", "speed-up", ".1f")]  # fmt: skip
+            parts.append(table(result["init"]["fingerprint"], cols))
     if "bank" in result:
         bank = result["bank"]
         parts.append("\n### bank\n")
