@@ -189,7 +189,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, *, check_finger
             prints[name] = current  # a checked version-1 fingerprint is carried on in the current version
     shapes = _expected_shapes(meta, cfg)
     keep = {f"{n}.{p}": q for n, m in _modules_to_save(model, cfg.modules_to_save) for p, q in m.named_parameters()}
-    shapes.update({k: tuple(v.shape) for k, v in keep.items()})
+    shapes.update({k: tuple(getattr(v, "ds_shape", v.shape)) for k, v in keep.items()})  # ZeRO-3: the whole shape
     if missing := sorted(set(shapes) - set(tensors)):
         raise ValueError(
             f"{d / WEIGHTS_FILE} lacks tensors {missing[:5]} ({len(missing)} in all); the file does not match its config"
@@ -202,9 +202,12 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, *, check_finger
         for name, layer in adapter_layers(model):
             layer.base_fingerprint = prints[name]
             prefix = f"{name}."
-            layer.load_factors({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix) and k in shapes})
-        for k, p in keep.items():
-            p.copy_(tensors[k])
+            with _gathered(layer, modify=True):  # a full residual state rewrites the base weight
+                layer.load_factors({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix) and k in shapes})
+        for name, module in _modules_to_save(model, cfg.modules_to_save):
+            with _gathered(module, modify=True):
+                for pname, p in module.named_parameters():
+                    p.copy_(tensors[f"{name}.{pname}"])
     return model
 
 
