@@ -132,7 +132,7 @@ def _partitioned(module: nn.Module) -> list[nn.Parameter]:
     return [p for p in module.parameters() if hasattr(p, "ds_id")]
 
 
-def register_partitioned(layer: AdapterLayer) -> None:
+def _register_partitioned(layer: AdapterLayer) -> None:
     """Under ZeRO-3, let DeepSpeed gather the base layer's parameters whenever `layer` runs: the layer
     reads its base weight (the norm, the closed-form step) outside the base layer's own forward."""
     if params := _partitioned(layer.base_layer):
@@ -211,7 +211,7 @@ def apply(model: nn.Module, config: AdapterConfig, *, progress: bool | None = No
             layer = wrap(name, module, config)
         if initialize:
             initialize_layer(name, layer, config)
-        register_partitioned(layer)
+        _register_partitioned(layer)
         _replace(model, name, layer)
     for _, module in keep:
         for p in module.parameters():

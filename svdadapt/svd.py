@@ -76,7 +76,7 @@ def fingerprint(weight: torch.Tensor, piece_bytes: int = _PIECE_BYTES) -> str:
     """Identifies a base weight: "v2-" + the 128-bit xxh3 of its shape, dtype and raw bytes (row-major).
 
     Every bit counts (no float rounding), so a one-ulp change, two swapped rows or a transpose all
-    give another fingerprint. A contiguous CPU weight is hashed in place (~10 GB/s, one core); any
+    give another fingerprint. A contiguous CPU weight is hashed in place (5-10 GB/s on one core); any
     other is read a block of rows at a time, so a GPU weight is never copied to the CPU whole and the
     value does not depend on the device or the layout.
     """
