@@ -1,14 +1,14 @@
 """svdadapt: SVD-initialised, weight-decomposed adapters (DuDe, EDoRA, and relatives) on one code path."""
 
-__version__ = "0.1.0"
-
 from svdadapt.config import AdapterConfig
 from svdadapt.io import export_peft, load_adapter, save_adapter
 from svdadapt.layer import AdapterLayer, register_base_kind
 from svdadapt.methods import Factors, InitContext, methods, register_method
 from svdadapt.model import adapter_layers, apply, merge, trainable_parameters
+from svdadapt.version import __version__
 
 __all__ = [
+    "__version__",
     "AdapterConfig",
     "AdapterLayer",
     "Factors",
@@ -25,5 +25,16 @@ __all__ = [
     "trainable_parameters",
 ]
 
-# registers the bitsandbytes layer kinds (imports no bitsandbytes itself)
-from svdadapt import quant  # noqa: E402, F401
+
+def __getattr__(name: str):
+    """`svdadapt.quant`, `svdadapt.serve`, ...: submodules load when first used, not on `import svdadapt`."""
+    import importlib
+
+    if name.startswith("_"):
+        raise AttributeError(name)
+    try:
+        return importlib.import_module(f"svdadapt.{name}")
+    except ModuleNotFoundError as e:
+        if e.name != f"svdadapt.{name}":
+            raise
+        raise AttributeError(f"module 'svdadapt' has no attribute {name!r}") from None

@@ -96,7 +96,8 @@ def test_residual_of_a_bf16_weight_is_the_same_in_row_blocks(monkeypatch):
     w = torch.randn(37, 24, generator=g).to(torch.bfloat16)
     b, a = torch.randn(37, 4, generator=g), torch.randn(4, 24, generator=g)
     whole = torch.addmm(w.float(), b, a, alpha=-0.5).to(torch.bfloat16)
-    monkeypatch.setattr(L, "_CHUNK_ELEMENTS", 5 * 24)  # 5 rows a block: 8 blocks, the last one short
+    monkeypatch.setattr(svdadapt.norm, "BLOCK_ELEMENTS", 5 * 24)  # 5 rows a block: 8 blocks, the last one short
+    assert [blk.shape[0] for blk in svdadapt.norm.row_blocks(w, torch.float32)] == [5] * 7 + [2]
     assert L._residual(w, b, a, 0.5).equal(whole)
 
 

@@ -195,3 +195,29 @@ def test_legacy_fingerprints_still_verify():
     assert not S.fingerprint_matches(_flip(w, 3, 0), S.fingerprint(w))
     with pytest.raises(ValueError, match="unknown version.*upgrade svdadapt"):
         S.fingerprint_matches(w, "v9-abc")
+
+
+def test_one_thread_section_leaves_other_threads_alone():
+    """svd._one_thread lowers the calling thread's count only, and restores it."""
+    import threading
+
+    from svdadapt import svd
+
+    before = torch.get_num_threads()
+    inside, release, seen = threading.Event(), threading.Event(), {}
+
+    def factorise():
+        with svd._one_thread():
+            seen["inside"] = torch.get_num_threads()
+            inside.set()
+            release.wait(timeout=30)
+
+    t = threading.Thread(target=factorise)
+    t.start()
+    inside.wait(timeout=30)
+    seen["main"] = torch.get_num_threads()
+    release.set()
+    t.join()
+    assert seen["main"] == before and torch.get_num_threads() == before
+    if "OpenMP" in torch.__config__.parallel_info() and before > 1:
+        assert seen["inside"] == 1
