@@ -88,26 +88,32 @@ def test_quick_run_writes_json_with_every_suite(tiny_plans, tmp_path, capsys, mo
 
 
 def test_low_precision_run_has_rows_per_dtype_floors_and_the_emulation_note(tiny_plans, tmp_path, capsys):
-    """bf16 weights next to float32 in one run; on a CPU without bf16 units the output says the
-    matmuls are emulated and the emulated plan's (smaller) shape is used."""
+    """bf16 weights and a float32 model under bf16 autocast next to float32 in one run; on a CPU
+    without bf16 units the output says the matmuls are emulated and the emulated plan's (smaller)
+    shape is used."""
     out = tmp_path / "bench.json"
-    argv = ["--quick", "--suite", "layer,model", "--dtype", "fp32,bf16", "--device", "cpu", "--clock", "cpu", "--output", str(out)]
+    dtypes = "fp32,bf16,autocast-bf16"
+    argv = ["--quick", "--suite", "layer,model", "--dtype", dtypes, "--device", "cpu", "--clock", "cpu", "--output", str(out)]
     assert bench.cli(argv) == 0
     result = json.loads(out.read_text())
-    assert result["device"] == "cpu" and result["dtypes"] == ["fp32", "bf16"]
+    assert result["device"] == "cpu" and result["dtypes"] == dtypes.split(",")
     emulated = not common.native_cpu_dtype(torch.bfloat16)
+    low = "40x56" if emulated else "48x64"
     layer = result["layer"]
-    for label, shape in (("float32", "48x64"), ("bfloat16", "40x56" if emulated else "48x64")):
+    for label, shape in (("float32", "48x64"), ("bfloat16", low), ("autocast-bfloat16", low)):
         rows = [r for r in layer if r["dtype"] == label]
         assert {r["config"] for r in rows} == CONFIGS and {r["shape"] for r in rows} == {shape}
         assert all("error" not in r and r["ms"] > 0 for r in rows)
         for r in rows:  # every svdadapt row keeps its arithmetic floor, whatever the dtype
             assert (r["flop_floor"] is not None) == (r["config"] in layer_suite.METHODS)
     model = result["model"]
-    assert {(r["dtype"], r["config"]) for r in model} == {(d, c) for d in ("float32", "bfloat16") for c in CONFIGS - {"base"}}
+    labels = ("float32", "bfloat16", "autocast-bfloat16")
+    assert {(r["dtype"], r["config"]) for r in model} == {(d, c) for d in labels for c in CONFIGS - {"base"}}
+    assert all("error" not in r for r in model)
     printed = capsys.readouterr().out
     assert ("note: bf16: this CPU has no native bfloat16 arithmetic" in printed) == emulated
-    assert result["emulated"] == (["bfloat16"] if emulated else [])
+    assert ("note: autocast-bf16: this CPU has no native bfloat16 arithmetic" in printed) == emulated
+    assert result["emulated"] == (list(labels[1:]) if emulated else [])
     assert any(t["target"].startswith("layer bfloat16") for t in result["targets"])
 
 
