@@ -134,6 +134,10 @@ def test_a_configuration_that_raises_is_reported_and_the_rest_still_run():
     assert set(ran) == {"ref", "ok"} and failed == {"bad": "RuntimeError: self and mat2 must have the same dtype"}
     with pytest.raises(RuntimeError):
         common.probe({"ref": broken}, "ref")
+    rows = [{"shape": "8x8", "config": "base", "ms": 1.0}, {"shape": "8x8", "config": "lora", "error": "RuntimeError: bad\ntrace"}]
+    text = bench.render({"layer": rows})
+    assert "| error |" in text and "| lora |" in text and text.rstrip().endswith("| RuntimeError: bad |")
+    assert rows[1]["error"] == "RuntimeError: bad\ntrace"  # the result itself keeps the whole message
 
 
 @pytest.mark.parametrize("argv", [["--suite", "layers"], ["--suite", ""], ["--threads", "0"], ["--dtype", "fp8"], ["--dtype", ""],

@@ -97,19 +97,19 @@ def render(result: dict) -> str:
     """Markdown tables of a result (what `docs/benchmarks.md` shows)."""
     from svdadapt.bench.common import table
 
-    parts = [f"note: {n}" for n in result.get("notes", [])]
+    parts = [f"note: {n}\n" for n in result.get("notes", [])]
     if result.get("layer"):
         parts.append("### layer: forward + backward of one wrapped linear, ratio to the frozen base layer\n")
         cols = [("shape", "out x in", ""), ("tokens", "tokens", ""), ("r", "r", ""), ("dtype", "dtype", ""), ("config", "config", ""),
                 ("ms", "ms", ".1f"), ("time_ratio", "time / base", ".3f"), ("flop_floor", "floor", ".3f"), ("peak_mib", "peak MiB", ".1f"),
                 ("peak_ratio", "peak / base", ".2f"), ("peft_dora_over", "peft DoRA / dude", ".2f")]  # fmt: skip
-        parts.append(table(result["layer"], cols + _error_column(result["layer"])))
+        parts.append(_table_with_errors(result["layer"], cols))
     if result.get("model"):
         parts.append("\n### model: one training step (forward, backward, AdamW), ratio to peft LoRA\n")
         cols = [("model", "model", ""), ("tokens", "tokens", ""), ("r", "r", ""), ("dtype", "dtype", ""), ("config", "config", ""),
                 ("trainable", "trainable", ","), ("ms", "ms", ".0f"), ("time_ratio", "time / peft LoRA", ".3f"), ("peak_mib", "peak MiB", ".1f"),
                 ("peak_ratio", "peak / peft LoRA", ".3f"), ("budget_mib", "budget MiB", ".1f"), ("within_budget", "within budget", "")]  # fmt: skip
-        parts.append(table(result["model"], cols + _error_column(result["model"])))
+        parts.append(_table_with_errors(result["model"], cols))
     if result.get("init"):
         t = result["init"]["timing"]
         rows = [{"solver": k, **v} for k, v in t.items() if isinstance(v, dict)]
@@ -147,12 +147,14 @@ def render(result: dict) -> str:
     return "\n".join(parts) + "\n"
 
 
-def _error_column(rows: list[dict]) -> list[tuple[str, str, str]]:
-    """An "error" column when a configuration could not run (its message, first line, shortened)."""
-    for row in rows:
-        if "error" in row:
-            row["error_short"] = row["error"].splitlines()[0][:100]
-    return [("error_short", "error", "")] if any("error" in r for r in rows) else []
+def _table_with_errors(rows: list[dict], cols: list[tuple[str, str, str]]) -> str:
+    """`table`, plus an "error" column (first line, shortened) when a configuration could not run."""
+    from svdadapt.bench.common import table
+
+    if not any("error" in r for r in rows):
+        return table(rows, cols)
+    shown = [{**r, "error": r["error"].splitlines()[0][:100]} if "error" in r else r for r in rows]
+    return table(shown, cols + [("error", "error", "")])
 
 
 def _load() -> list[float] | None:
