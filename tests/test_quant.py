@@ -41,7 +41,8 @@ def _load(path, quant):
 
 
 def _config(method, **kw):
-    return AdapterConfig(method=method, r=4, svd_cache_dir="", sigma=0.1, **kw)
+    sigma = {"sigma": 0.1} if method in ("loraxs", "edora") else {}  # a visible R for the r×r methods
+    return AdapterConfig(method=method, r=4, svd_cache_dir="", **sigma, **kw)
 
 
 def _train(model, steps=3):
