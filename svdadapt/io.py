@@ -23,7 +23,7 @@ from torch import nn
 from svdadapt.config import AdapterConfig
 from svdadapt.methods import get_method
 from svdadapt.model import CONFIG_ATTR, _gathered, _modules_to_save, adapter_config, adapter_layers, apply, find_targets
-from svdadapt.svd import fingerprint
+from svdadapt.svd import fingerprint, fingerprint_matches
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter.safetensors"
@@ -170,18 +170,26 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, *, check_finger
             raise ValueError(
                 f"{d}: layer {name!r} has shape {shape} in the model but {tuple(saved[name]['shape'])} in the adapter; wrong base model"
             )
+    prints = {name: info.get("fingerprint") for name, info in saved.items()}
     for name, module in targets.items() if check_fingerprint else ():
         with _gathered(module, modify=False):
             w = base_kind(module).weight(module)
-            want = saved[name].get("fingerprint")
-            if want and fingerprint(w) != want:
+            if prints[name] is None:
+                continue
+            current = fingerprint(w)
+            try:
+                same = fingerprint_matches(w, prints[name], current)
+            except ValueError as e:
+                raise ValueError(f"{d / CONFIG_FILE}, layer {name!r}: {e}") from None
+            if not same:
                 raise ValueError(
                     f"{d}: the base weight of layer {name!r} differs from the one the adapter was trained on "
                     f"(fingerprint mismatch; dtype here {w.dtype}). Load the same base model and dtype, or pass check_fingerprint=False"
                 )
+            prints[name] = current  # a checked version-1 fingerprint is carried on in the current version
     shapes = _expected_shapes(meta, cfg)
     keep = {f"{n}.{p}": q for n, m in _modules_to_save(model, cfg.modules_to_save) for p, q in m.named_parameters()}
-    shapes.update({k: tuple(v.shape) for k, v in keep.items()})
+    shapes.update({k: tuple(getattr(v, "ds_shape", v.shape)) for k, v in keep.items()})  # ZeRO-3: the whole shape
     if missing := sorted(set(shapes) - set(tensors)):
         raise ValueError(
             f"{d / WEIGHTS_FILE} lacks tensors {missing[:5]} ({len(missing)} in all); the file does not match its config"
@@ -192,11 +200,14 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, *, check_finger
     apply(model, cfg, initialize=meta.get("compact", False))
     with torch.no_grad():
         for name, layer in adapter_layers(model):
-            layer.base_fingerprint = saved[name].get("fingerprint")
+            layer.base_fingerprint = prints[name]
             prefix = f"{name}."
-            layer.load_factors({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix) and k in shapes})
-        for k, p in keep.items():
-            p.copy_(tensors[k])
+            with _gathered(layer, modify=True):  # a full residual state rewrites the base weight
+                layer.load_factors({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix) and k in shapes})
+        for name, module in _modules_to_save(model, cfg.modules_to_save):
+            with _gathered(module, modify=True):
+                for pname, p in module.named_parameters():
+                    p.copy_(tensors[f"{name}.{pname}"])
     return model
 
 

@@ -115,8 +115,9 @@ def _check_rank(name: str, module: nn.Module, r: int) -> None:
 
 @contextlib.contextmanager
 def _gathered(module: nn.Module, modify: bool):
-    """Gather a ZeRO-3 partitioned module's parameters for the duration (no-op otherwise)."""
-    params = [p for p in module.parameters(recurse=True) if hasattr(p, "ds_id")]
+    """Gather a ZeRO-3 partitioned module's parameters for the duration (no-op otherwise); with
+    `modify`, what rank 0 writes is partitioned back to every rank on exit."""
+    params = _partitioned(module)
     if not params:
         yield
         return
@@ -124,6 +125,21 @@ def _gathered(module: nn.Module, modify: bool):
 
     with deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None):
         yield
+
+
+def _partitioned(module: nn.Module) -> list[nn.Parameter]:
+    """The ZeRO-3 partitioned parameters of `module` (empty without DeepSpeed)."""
+    return [p for p in module.parameters() if hasattr(p, "ds_id")]
+
+
+def _register_partitioned(layer: AdapterLayer) -> None:
+    """Under ZeRO-3, let DeepSpeed gather the base layer's parameters whenever `layer` runs: the layer
+    reads its base weight (the norm, the closed-form step) outside the base layer's own forward."""
+    if params := _partitioned(layer.base_layer):
+        from deepspeed import zero
+
+        for p in params:
+            zero.register_external_parameter(layer, p)
 
 
 def wrap(name: str, module: nn.Module, config: AdapterConfig) -> AdapterLayer:
@@ -195,6 +211,7 @@ def apply(model: nn.Module, config: AdapterConfig, *, progress: bool | None = No
             layer = wrap(name, module, config)
         if initialize:
             initialize_layer(name, layer, config)
+        _register_partitioned(layer)
         _replace(model, name, layer)
     for _, module in keep:
         for p in module.parameters():

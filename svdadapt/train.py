@@ -448,12 +448,6 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, callba
         prepare_quantized(model, recipe.adapter, recipe.model.quantization)
     else:
         apply(model, recipe.adapter, progress=args.process_index == 0)
-    if any(hasattr(p, "ds_id") for p in model.parameters()):
-        from deepspeed import zero
-
-        for _, layer in adapter_layers(model):  # the layer reads its base layer's weight without calling it
-            for p in layer.base_layer.parameters():
-                zero.register_external_parameter(layer, p)
     if args.process_index == 0:
         print(trainable_parameters(model), flush=True)
     with args.main_process_first(local=False):
