@@ -1,29 +1,47 @@
-"""svdadapt: SVD-initialised, weight-decomposed adapters (DuDe, EDoRA, and relatives) on one code path."""
+"""svdadapt: SVD-initialised, weight-decomposed adapters (DuDe, EDoRA, and relatives) on one code path.
+
+The names below import on first use (PEP 562), so `import svdadapt` and `svdadapt --help` stay
+fast: torch and transformers load only when a model is touched.
+"""
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-from svdadapt.config import AdapterConfig
-from svdadapt.io import export_peft, load_adapter, save_adapter
-from svdadapt.layer import AdapterLayer, register_base_kind
-from svdadapt.methods import Factors, InitContext, methods, register_method
-from svdadapt.model import adapter_layers, apply, merge, trainable_parameters
+_EXPORTS = {
+    "AdapterConfig": "svdadapt.config",
+    "AdapterLayer": "svdadapt.layer",
+    "Factors": "svdadapt.methods",
+    "InitContext": "svdadapt.methods",
+    "adapter_layers": "svdadapt.model",
+    "apply": "svdadapt.model",
+    "export_peft": "svdadapt.io",
+    "load_adapter": "svdadapt.io",
+    "merge": "svdadapt.model",
+    "methods": "svdadapt.methods",
+    "register_base_kind": "svdadapt.layer",
+    "register_method": "svdadapt.methods",
+    "save_adapter": "svdadapt.io",
+    "trainable_parameters": "svdadapt.model",
+}
+_SUBMODULES = ("bench", "config", "count", "data", "evaluate", "io", "layer", "methods", "model", "paths", "quant")
+_SUBMODULES += ("quant_error", "recipe", "report", "serve", "svd", "sweep", "tasks", "train")
 
-__all__ = [
-    "AdapterConfig",
-    "AdapterLayer",
-    "Factors",
-    "InitContext",
-    "adapter_layers",
-    "apply",
-    "export_peft",
-    "load_adapter",
-    "merge",
-    "methods",
-    "register_base_kind",
-    "register_method",
-    "save_adapter",
-    "trainable_parameters",
-]
+__all__ = sorted(_EXPORTS)
 
-# registers the bitsandbytes layer kinds (imports no bitsandbytes itself)
-from svdadapt import quant  # noqa: E402, F401
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f"{__name__}.{name}")
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS) | set(_SUBMODULES))

@@ -16,16 +16,13 @@ import argparse
 import difflib
 import json
 import logging
-import os
 import random
-import socket
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-_TRUE = ("1", "true", "yes", "on")
 GSM8K_ONLY_HERE = ("gsm8k_metamath",)  # local tasks lm-eval itself does not define
 
 
@@ -97,16 +94,10 @@ def load_model(args: argparse.Namespace, auto_class: str, **kwargs):
 
 
 def _offline() -> bool:
-    """True when the hub cannot be used: HF_HUB_OFFLINE / HF_DATASETS_OFFLINE set, or no route to it."""
-    if any(os.environ.get(v, "").lower() in _TRUE for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
-        return True
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return False  # a proxy decides; let the hub client try
-    try:
-        socket.create_connection(("huggingface.co", 443), timeout=3).close()
-        return False
-    except OSError:
-        return True
+    """True when the hub cannot be used: an *_OFFLINE variable set, or no route to it."""
+    from svdadapt.paths import hub_offline
+
+    return hub_offline() is not None
 
 
 def resolve_tasks(names: list[str], data_dir: str | None, include_paths: list[str], workdir: str):

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from svdadapt import quant  # noqa: F401  registers the bitsandbytes layer kinds (imports no bitsandbytes)
 from svdadapt.config import AdapterConfig
 from svdadapt.layer import AdapterLayer, base_kind, is_supported
 from svdadapt.methods import InitContext, get_method
@@ -258,6 +259,7 @@ def count_plan(model: nn.Module, config: AdapterConfig) -> ParameterCount:
     method = get_method(config.method)
     rows = []
     for name, module in find_targets(model, config):
+        _check_rank(name, module, config.r)  # what apply refuses is not counted either
         out_f, in_f = base_kind(module).weight(module).shape
         rows.append((name, method.name, method.trainable_count(out_f, in_f, config.r)))
     for name, module in _modules_to_save(model, config.modules_to_save):
