@@ -103,8 +103,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *, compact: boo
     return Path(directory)
 
 
-def read_adapter(directory: str | os.PathLike) -> tuple[dict, AdapterConfig, dict[str, torch.Tensor]]:
-    """Read and check an adapter directory's files; raises `ValueError` naming what is wrong."""
+def read_adapter_meta(directory: str | os.PathLike) -> tuple[dict, AdapterConfig]:
+    """Read and check an adapter directory's config file (not its tensors); raises `ValueError` naming what is wrong."""
     d = Path(directory)
     if not d.is_dir():
         raise ValueError(f"adapter directory {str(d)!r} does not exist; pass the directory save_adapter wrote")
@@ -122,12 +122,50 @@ def read_adapter(directory: str | os.PathLike) -> tuple[dict, AdapterConfig, dic
         raise ValueError(
             f"{d / CONFIG_FILE} has format {meta['format']} from svdadapt {meta.get('svdadapt_version')}; upgrade svdadapt to read it"
         )
-    cfg = AdapterConfig.from_dict(meta["config"], source=str(d / CONFIG_FILE))
+    return meta, AdapterConfig.from_dict(meta["config"], source=str(d / CONFIG_FILE))
+
+
+def read_adapter(directory: str | os.PathLike) -> tuple[dict, AdapterConfig, dict[str, torch.Tensor]]:
+    """Read and check an adapter directory's files; raises `ValueError` naming what is wrong."""
+    d = Path(directory)
+    meta, cfg = read_adapter_meta(d)
     try:
         tensors = load_file(str(d / WEIGHTS_FILE))
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{d / WEIGHTS_FILE} is truncated or corrupted ({e}); save the adapter again") from None
     return meta, cfg, tensors
+
+
+def check_layers(model: nn.Module, meta: dict, cfg: AdapterConfig, directory: str | os.PathLike) -> dict[str, nn.Module]:
+    """The model's target modules, checked against the adapter's layer names and shapes (works on a
+    meta-device model); a mismatch raises `ValueError` naming the base model the adapter records."""
+    from svdadapt.layer import base_kind
+
+    trained_on = (
+        f"the adapter was trained on base model {meta['base_model']!r}"
+        if meta.get("base_model")
+        else "is this the right base model?"
+    )
+    saved = meta["layers"]
+    try:
+        targets = dict(find_targets(model, cfg))
+    except ValueError as e:
+        raise ValueError(f"{directory}: {e}; {trained_on}") from None
+    if missing := sorted(set(saved) - set(targets)):
+        raise ValueError(
+            f"{directory}: the adapter wraps layers the model does not have or does not target: {missing[:5]}; {trained_on}"
+        )
+    if extra := sorted(set(targets) - set(saved)):
+        raise ValueError(f"{directory}: the model has target layers the adapter lacks: {extra[:5]}; {trained_on}")
+    for name, module in targets.items():
+        with _gathered(module, modify=False):
+            shape = tuple(base_kind(module).weight(module).shape)
+        if list(shape) != list(saved[name]["shape"]):
+            raise ValueError(
+                f"{directory}: layer {name!r} has shape {shape} in the model but {tuple(saved[name]['shape'])} in the adapter; "
+                f"wrong base model: {trained_on}"
+            )
+    return targets
 
 
 def _expected_shapes(meta: dict, cfg: AdapterConfig) -> dict[str, tuple[int, ...]]:
@@ -153,23 +191,10 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, *, check_finger
     """
     meta, cfg, tensors = read_adapter(directory)
     d = Path(directory)
-    targets = dict(find_targets(model, cfg))
+    targets = check_layers(model, meta, cfg, d)
     saved = meta["layers"]
-    if missing := sorted(set(saved) - set(targets)):
-        raise ValueError(
-            f"{d}: the adapter wraps layers the model does not have or does not target: {missing[:5]}; is this the right base model?"
-        )
-    if extra := sorted(set(targets) - set(saved)):
-        raise ValueError(f"{d}: the model has target layers the adapter lacks: {extra[:5]}; is this the right base model?")
     from svdadapt.layer import base_kind
 
-    for name, module in targets.items():  # shapes first: the cheaper and clearer mismatch
-        with _gathered(module, modify=False):
-            shape = tuple(base_kind(module).weight(module).shape)
-        if list(shape) != list(saved[name]["shape"]):
-            raise ValueError(
-                f"{d}: layer {name!r} has shape {shape} in the model but {tuple(saved[name]['shape'])} in the adapter; wrong base model"
-            )
     for name, module in targets.items() if check_fingerprint else ():
         with _gathered(module, modify=False):
             w = base_kind(module).weight(module)
@@ -242,4 +267,13 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
     return Path(directory)
 
 
-__all__ = ["save_adapter", "load_adapter", "export_peft", "read_adapter", "atomic_directory", "CONFIG_ATTR"]
+__all__ = [
+    "save_adapter",
+    "load_adapter",
+    "export_peft",
+    "read_adapter",
+    "read_adapter_meta",
+    "check_layers",
+    "atomic_directory",
+    "CONFIG_ATTR",
+]

@@ -280,7 +280,12 @@ def _coerce(value, hint, where: str):
     if hint is str:
         if isinstance(value, str):
             return value
-        raise ValueError(f"{where}={value!r} must be a string")
+        if value is False:  # YAML reads an unquoted `no` (or off/false) as False: eval_strategy: no means "no"
+            return "no"
+        quote = (
+            " (YAML reads unquoted yes/on/true as a boolean: quote the text, e.g. --set key='\"yes\"')" if value is True else ""
+        )
+        raise ValueError(f"{where}={value!r} must be a string{quote}")
     return value  # Sequence[str] and the like: the dataclass checks them
 
 
