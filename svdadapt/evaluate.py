@@ -265,6 +265,13 @@ def run_glue(args: argparse.Namespace) -> dict:
             + (f" (did you mean {close[0]!r}?)" if close else "")
         )
     num_labels = glue.glue_task(task).num_labels  # 1: regression (STS-B)
+    from svdadapt.paths import hub_unavailable
+
+    if args.data_dir is None and (why := hub_unavailable(glue.HUB_ID, "dataset")):
+        raise ValueError(
+            f"--glue {task} without --data-dir reads {glue.HUB_ID} from the Hugging Face hub, which is unreachable here ({why}); "
+            f"pass --data-dir DIR (the original GLUE layout), or --data-dir {glue.SAMPLE} for the SST-2 sample shipped with svdadapt"
+        )
     rows = glue.load_glue(task, args.split, data_dir=args.data_dir)
     rows = [dict(r) for r in rows]
     if args.limit is not None:
@@ -295,7 +302,12 @@ def run_glue(args: argparse.Namespace) -> dict:
     print(json.dumps({f"{task}/{k}": v for k, v in metrics.items()}, indent=2))
     record = _header(args, meta)
     record.update(
-        glue_task=task, split=args.split, n=len(rows), eval_time_s=round(time.perf_counter() - start, 3), results={task: metrics}
+        glue_task=task,
+        split=args.split,
+        n=len(rows),
+        batch_size=batch,
+        eval_time_s=round(time.perf_counter() - start, 3),
+        results={task: metrics},
     )
     return record
 

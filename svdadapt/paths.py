@@ -100,6 +100,12 @@ def _in_hub_cache(repo_id: str, repo_type: str) -> bool:
     return False
 
 
+def hub_unavailable(repo_id: str, repo_type: str = "model") -> str | None:
+    """Why the hub id cannot be loaded here (the hub unreachable and the id not cached), or None if it can."""
+    why = hub_offline()
+    return why if why is not None and not _in_hub_cache(repo_id, repo_type) else None
+
+
 def locate(name: str, option: str, repo_type: str = "model") -> str:
     """`name` as a local path or a servable hub id; raises `ValueError` at once otherwise.
 
@@ -113,8 +119,7 @@ def locate(name: str, option: str, repo_type: str = "model") -> str:
         return path
     if not _HUB_ID.match(path) or name.startswith(("pkg://", "wheel://")) or Path(path).suffix in _FILE_SUFFIXES:
         raise ValueError(f"{option}={name!r}: {path!r} does not exist; pass an existing local path or a hub id like org/name")
-    why = hub_offline()
-    if why is not None and not _in_hub_cache(path, repo_type):
+    if why := hub_unavailable(path, repo_type):
         raise ValueError(
             f"{option}={name!r} is a Hugging Face hub {repo_type} id, but the hub is unreachable here ({why}) and the "
             f"{repo_type} is not in the local cache; point {option} at a local copy (a directory or file)"

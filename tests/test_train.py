@@ -426,3 +426,39 @@ def test_killed_process_resumes(llama_dir, tmp_path, deepspeed):
     for p in done:  # checkpoints before the kill were not written again: training went on from the last one
         assert (p / "trainer_state.json").stat().st_mtime_ns == stamp[p.name]
     assert [e["step"] for e in m["log_history"]] == [1, 2, 4, 6, 8, 10, 12]
+
+
+def test_unreachable_sources_fail_before_loading_anything(tmp_path, monkeypatch, offline_empty_cache):
+    """Offline, a hub model or dataset that is not cached, or a missing GLUE directory, fails at once
+    naming the `--set` key to point at a local copy; nothing is loaded and nothing written."""
+    import svdadapt.train as train
+
+    monkeypatch.setattr(train, "load_tokenizer", lambda recipe: pytest.fail("loading started before the sources were checked"))
+    out, local = tmp_path / "out", tmp_path / "model"
+    local.mkdir()
+
+    def fails(model: str, data: dict, match: str) -> None:
+        task = "sequence_classification" if data["kind"] == "glue" else "causal_lm"
+        raw = {
+            "output_dir": str(out),
+            "model": {"name_or_path": model, "task": task},
+            "adapter": {"method": "edora"},
+            "data": data,
+        }
+        with pytest.raises(ValueError, match=match):
+            run(recipe_from_dict(raw))
+        assert not out.exists()
+
+    hub = r"is a Hugging Face hub {} id, but the hub is unreachable here \(HF_HUB_OFFLINE=1\)"
+    fails(
+        "mistralai/Mistral-7B-v0.1",
+        {"kind": "math"},
+        r"--set model.name_or_path='mistralai/Mistral-7B-v0.1' " + hub.format("model"),
+    )
+    fails(str(local), {"kind": "math"}, r"--set data.source='meta-math/MetaMathQA' " + hub.format("dataset"))
+    fails(str(local), {"kind": "glue", "glue_task": "sst2"}, r"--set data.source='nyu-mll/glue' " + hub.format("dataset"))
+    fails(
+        str(local),
+        {"kind": "glue", "glue_task": "rte", "source": "../nowhere/glue"},
+        r"--set data.source='../nowhere/glue': GLUE directory '../nowhere/glue' does not exist .* pkg://svdadapt/data/sample",
+    )
