@@ -7,6 +7,8 @@ fast: torch and transformers load only when a model is touched.
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 
 __version__ = "0.1.0"
 
@@ -30,6 +32,19 @@ _SUBMODULES = ("bench", "config", "count", "data", "evaluate", "io", "layer", "m
 _SUBMODULES += ("quant_error", "recipe", "report", "serve", "svd", "sweep", "tasks", "train")
 
 __all__ = sorted(_EXPORTS)
+
+
+class _Package(types.ModuleType):
+    """The package module. Importing a submodule sets it as an attribute of the package; where a
+    public function has the submodule's name (`svdadapt.methods()`), the function keeps the name."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in _EXPORTS and name in _SUBMODULES and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str):

@@ -93,3 +93,15 @@ def test_help_imports_no_torch():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, env={"PYTHONPATH": str(root)})
     assert done.returncode == 0, done.stderr
     assert "train" in done.stdout and "0.1.0" in done.stdout and done.stdout.strip().endswith("[]")
+
+
+def test_public_names_survive_submodule_imports():
+    """`svdadapt.methods()` is the function even after the submodule of that name is imported."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    code = "import svdadapt; import svdadapt.methods; from svdadapt.model import apply; print(svdadapt.methods(), svdadapt.apply is apply)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, env={"PYTHONPATH": str(root)})
+    assert done.returncode == 0, done.stderr
+    assert "'edora'" in done.stdout and done.stdout.strip().endswith("True")
