@@ -462,3 +462,39 @@ def test_unreachable_sources_fail_before_loading_anything(tmp_path, monkeypatch,
         {"kind": "glue", "glue_task": "rte", "source": "../nowhere/glue"},
         r"--set data.source='../nowhere/glue': GLUE directory '../nowhere/glue' does not exist .* pkg://svdadapt/data/sample",
     )
+
+
+def test_progress_clock_restarts_after_the_evaluation_before_training():
+    """The training bar's first ETA must not count the evaluation run before the first step."""
+    import time
+
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+    from transformers.trainer_callback import CallbackHandler, ProgressCallback
+
+    from svdadapt.train import _restart_clock_after_first_evaluation
+
+    class Holder:  # the two Trainer methods the function uses
+        def __init__(self):
+            self.callback_handler = CallbackHandler([ProgressCallback()], None, None, None, None)
+
+        def pop_callback(self, cls):
+            return self.callback_handler.pop_callback(cls)
+
+        def add_callback(self, cb):
+            self.callback_handler.add_callback(cb)
+
+    holder = Holder()
+    _restart_clock_after_first_evaluation(holder)
+    (bar_cb,) = holder.callback_handler.callbacks
+    args, state, control = TrainingArguments(output_dir="unused", report_to="none"), TrainerState(), TrainerControl()
+    state.max_steps, state.global_step = 10, 0
+    bar_cb.on_train_begin(args, state, control)
+    time.sleep(0.5)  # the evaluation before training
+    bar_cb.on_evaluate(args, state, control)
+    assert bar_cb.training_bar.format_dict["elapsed"] < 0.4 and bar_cb.training_bar.total == 10
+    state.global_step = 1
+    bar_cb.on_step_end(args, state, control)
+    time.sleep(0.3)
+    bar_cb.on_evaluate(args, state, control)  # a later evaluation leaves the clock alone
+    assert bar_cb.training_bar.format_dict["elapsed"] >= 0.3 and bar_cb.training_bar.n == 1
+    bar_cb.training_bar.close()
