@@ -1,7 +1,7 @@
 """svdadapt: SVD-initialised, weight-decomposed adapters (DuDe, EDoRA, and relatives) on one code path.
 
-The names below import on first use (PEP 562), so `import svdadapt` and `svdadapt --help` stay
-fast: torch and transformers load only when a model is touched.
+The public names and the submodules (`svdadapt.quant`, `svdadapt.serve`, ...) load on first use
+(PEP 562), so `import svdadapt` and `svdadapt --help` import neither torch nor transformers.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import importlib
 import sys
 import types
 
-__version__ = "0.1.0"
+from svdadapt.version import __version__
 
 _EXPORTS = {
     "AdapterConfig": "svdadapt.config",
@@ -28,10 +28,8 @@ _EXPORTS = {
     "save_adapter": "svdadapt.io",
     "trainable_parameters": "svdadapt.model",
 }
-_SUBMODULES = ("bench", "config", "count", "data", "evaluate", "io", "layer", "methods", "model", "paths", "quant")
-_SUBMODULES += ("quant_error", "recipe", "report", "serve", "svd", "sweep", "tasks", "train")
 
-__all__ = sorted(_EXPORTS)
+__all__ = ["__version__", *_EXPORTS]
 
 
 class _Package(types.ModuleType):
@@ -39,7 +37,7 @@ class _Package(types.ModuleType):
     public function has the submodule's name (`svdadapt.methods()`), the function keeps the name."""
 
     def __setattr__(self, name: str, value) -> None:
-        if name in _EXPORTS and name in _SUBMODULES and isinstance(value, types.ModuleType):
+        if name in _EXPORTS and isinstance(value, types.ModuleType):
             return
         super().__setattr__(name, value)
 
@@ -48,15 +46,20 @@ sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str):
+    """A public name from its module, or a submodule (`svdadapt.quant`), imported on first use."""
+    if name.startswith("_"):
+        raise AttributeError(name)
     if name in _EXPORTS:
         value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    elif name in _SUBMODULES:
-        value = importlib.import_module(f"{__name__}.{name}")
-    else:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    globals()[name] = value
-    return value
+        globals()[name] = value
+        return value
+    try:
+        return importlib.import_module(f"svdadapt.{name}")
+    except ModuleNotFoundError as e:
+        if e.name != f"svdadapt.{name}":
+            raise
+        raise AttributeError(f"module 'svdadapt' has no attribute {name!r}") from None
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS) | set(_SUBMODULES))
+    return sorted(set(globals()) | set(_EXPORTS))

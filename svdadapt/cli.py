@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {name:<8} {text}")
         return 0
     if argv[0] in ("-V", "--version"):
-        from svdadapt import __version__
+        from svdadapt.version import __version__
 
         print(__version__)
         return 0

@@ -321,7 +321,7 @@ def _version_of(module: str) -> str | None:
 
 
 def _header(args: argparse.Namespace, meta: dict | None, **versions) -> dict:
-    from svdadapt import __version__
+    from svdadapt.version import __version__
 
     return {
         "model": args.model,

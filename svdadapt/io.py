@@ -51,7 +51,7 @@ def atomic_directory(directory: str | os.PathLike):
 
 
 def _version() -> str:
-    from svdadapt import __version__
+    from svdadapt.version import __version__
 
     return __version__
 
@@ -241,7 +241,7 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
         with _gathered(layer, modify=False), torch.no_grad():
             b, a = layer.direction(), layer.lora_A
             if method.residual:
-                b, a = torch.cat([b, -layer.init_B], 1), torch.cat([a, layer.init_A], 0)
+                b, a = torch.cat([b, -layer.init_B.to(b)], 1), torch.cat([a, layer.init_A.to(a)], 0)  # B0, A0 live on the CPU
             key = f"base_model.model.{name}"
             tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"] = a, b
             if layer.magnitude is not None:

@@ -16,7 +16,6 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from svdadapt import quant  # noqa: F401  registers the bitsandbytes layer kinds (imports no bitsandbytes)
 from svdadapt.config import AdapterConfig
 from svdadapt.layer import AdapterLayer, base_kind, is_supported
 from svdadapt.methods import InitContext, get_method

@@ -114,9 +114,13 @@ def _randomized(w: torch.Tensor, k: int, s: SVDSettings, dtype: torch.dtype):
 def _one_thread():
     """Run small LAPACK factorisations on one thread: a (N, p) QR is microseconds of work, but on
     busy cores every one of its many thread barriers waits for a descheduled peer (measured here: a
-    14336 x 32 QR took 1.2 s on two threads under load, 15 ms on one)."""
+    14336 x 32 QR took 1.2 s on two threads under load, 15 ms on one).
+
+    The thread count is restored on exit. torch's OpenMP thread count is per calling thread, so other
+    Python threads never see the change (tests/test_svd.py checks it); on a torch built without OpenMP
+    the count is process-wide, and this is then a no-op."""
     threads = torch.get_num_threads()
-    if threads == 1:
+    if threads == 1 or "OpenMP" not in torch.__config__.parallel_info():
         yield
         return
     torch.set_num_threads(1)

@@ -160,3 +160,41 @@ def test_bank_on_nf4_base_equals_adapter_alone():
     ids = _ids(2)
     with torch.no_grad():
         torch.testing.assert_close(bank(ids, ["q", "q"]).logits, alone.eval()(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_two_threads_serving_one_bank_keep_their_own_batches(adapters):
+    """Thread A pauses inside its forward while thread B runs a whole call with other adapters."""
+    import threading
+
+    _, sources = adapters
+    bank = _bank(sources, ["a", "b"])
+    ids = _ids(2)
+    with torch.no_grad():
+        want_a, want_b = bank(ids, ["a", "b"]).logits, bank(ids, ["b", None]).logits
+    layers = list(bank.layers.values())
+    b_done, got = threading.Event(), {}
+
+    def pause_in_a(module, args):
+        if threading.current_thread().name == "A" and not b_done.is_set():
+            b_done.wait(timeout=60)
+
+    handle = layers[len(layers) // 2].register_forward_pre_hook(pause_in_a)
+
+    def call(name, adapter_ids):
+        with torch.no_grad():
+            got[name] = bank(ids, adapter_ids).logits
+        if name == "B":
+            b_done.set()
+
+    try:
+        a = threading.Thread(target=call, args=("A", ["a", "b"]), name="A")
+        b = threading.Thread(target=call, args=("B", ["b", None]), name="B")
+        a.start()
+        b.start()
+        b.join(timeout=120)
+        a.join(timeout=120)
+    finally:
+        handle.remove()
+    assert b_done.is_set()
+    torch.testing.assert_close(got["A"], want_a, rtol=0, atol=0)
+    torch.testing.assert_close(got["B"], want_b, rtol=0, atol=0)

@@ -127,3 +127,29 @@ def test_unknown_sketch_precision():
 def test_rank_out_of_range():
     with pytest.raises(ValueError, match=r"svd rank r=0 must be in \[1, 4\]"):
         truncated_svd(torch.randn(4, 6), 0, SVDSettings(cache_dir=""))
+
+
+def test_one_thread_section_leaves_other_threads_alone():
+    """svd._one_thread lowers the calling thread's count only, and restores it."""
+    import threading
+
+    from svdadapt import svd
+
+    before = torch.get_num_threads()
+    inside, release, seen = threading.Event(), threading.Event(), {}
+
+    def factorise():
+        with svd._one_thread():
+            seen["inside"] = torch.get_num_threads()
+            inside.set()
+            release.wait(timeout=30)
+
+    t = threading.Thread(target=factorise)
+    t.start()
+    inside.wait(timeout=30)
+    seen["main"] = torch.get_num_threads()
+    release.set()
+    t.join()
+    assert seen["main"] == before and torch.get_num_threads() == before
+    if "OpenMP" in torch.__config__.parallel_info() and before > 1:
+        assert seen["inside"] == 1
