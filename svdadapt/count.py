@@ -97,7 +97,10 @@ def _recipe_model(path: str, trust_remote_code: bool):
     recipe = load_recipe(path)
     m, d = recipe.model, recipe.data
     labels = m.num_labels or (glue_task(d.glue_task).num_labels if m.task == "sequence_classification" else None)
-    model = meta_model(m.name_or_path, trust_remote_code, m.task, labels, option=f"{path}: model.name_or_path")
+    try:
+        model = meta_model(m.name_or_path, trust_remote_code, m.task, labels, option="model.name_or_path")
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
     return model, recipe.adapter
 
 

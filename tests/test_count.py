@@ -105,3 +105,11 @@ def test_public_names_survive_submodule_imports():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, env={"PYTHONPATH": str(root)})
     assert done.returncode == 0, done.stderr
     assert "'edora'" in done.stdout and done.stdout.strip().endswith("True")
+
+
+def test_count_a_recipe_whose_hub_model_is_unreachable(tmp_path, capsys, offline_empty_cache):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: {name_or_path: org/some-model}\nadapter: {method: edora}\n")
+    assert main(["count", "--recipe", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert f"{recipe}: model.name_or_path='org/some-model' is a Hugging Face hub model id, but the hub is unreachable" in err
