@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from svdadapt.methods import get_method
-from svdadapt.model import _modules_to_save, adapter_config, adapter_layers, apply, trainable_parameters
+from svdadapt.model import adapter_config, adapter_layers, apply, find_modules_to_save, trainable_parameters
 from svdadapt.paths import resolve_path
 from svdadapt.recipe import Recipe, dump_recipe, load_recipe
 
@@ -157,7 +157,7 @@ def param_groups(model: torch.nn.Module, training) -> list[dict]:
     layers = [layer for _, layer in adapter_layers(model)]
     magnitudes = {id(layer.magnitude) for layer in layers if layer.magnitude is not None}
     factors = {id(p) for layer in layers for p in layer.factors().values()}
-    saved = {id(p) for _, mod in _modules_to_save(model, adapter_config(model).modules_to_save) for p in mod.parameters()}
+    saved = {id(p) for _, mod in find_modules_to_save(model, adapter_config(model).modules_to_save) for p in mod.parameters()}
     lrs = {
         "adapter": training.learning_rate,
         "magnitude": training.magnitude_learning_rate or training.learning_rate,
