@@ -29,7 +29,8 @@ from torch import nn
 
 from svdadapt import norm
 from svdadapt.config import AdapterConfig
-from svdadapt.model import _replace, adapter_config, adapter_layers, find_targets, initialize_layer, wrap
+from svdadapt.model import adapter_config, adapter_layers, find_targets, initialize_layer, replace_module, wrap
+from svdadapt.svd import fingerprint_matches
 
 SERVABLE = ("edora", "loraxs")
 _BASIS_FIELDS = (
@@ -157,7 +158,7 @@ class AdapterBank(nn.Module):
             bank_layer = BankLayer(layer, self.routing, dtype or (w_dtype if w_dtype.is_floating_point else torch.float32))
             self.fingerprints[name] = layer.base_fingerprint
             self.layers[name] = bank_layer
-            _replace(model, name, bank_layer)
+            replace_module(model, name, bank_layer)
         for p in model.parameters():
             p.requires_grad_(False)
 
@@ -233,7 +234,8 @@ class AdapterBank(nn.Module):
         if set(prints) != set(self.layers):
             raise ValueError(f"{where}: it wraps other layers than the bank ({sorted(set(prints) ^ set(self.layers))[:3]}...)")
         for n, fp in prints.items():
-            if fp and fp != self.fingerprints[n]:
+            layer = self.layers[n]
+            if fp and not fingerprint_matches(layer.kind.weight(layer.base_layer), fp, self.fingerprints[n]):
                 raise ValueError(f"{where}: layer {n!r} was trained on another base weight (fingerprint mismatch)")
             for key, mine in (("A", self.layers[n].basis_A), ("B", self.layers[n].basis_B)):
                 if f"{n}.{key}" in tensors and not torch.allclose(tensors[f"{n}.{key}"].to(mine), mine, rtol=1e-4, atol=1e-6):

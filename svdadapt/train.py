@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from svdadapt.methods import get_method
-from svdadapt.model import _modules_to_save, adapter_config, adapter_layers, apply, trainable_parameters
+from svdadapt.model import adapter_config, adapter_layers, apply, find_modules_to_save, trainable_parameters
 from svdadapt.paths import locate, resolve_path
 from svdadapt.recipe import Recipe, dump_recipe, load_recipe
 
@@ -181,7 +181,7 @@ def param_groups(model: torch.nn.Module, training) -> list[dict]:
     layers = [layer for _, layer in adapter_layers(model)]
     magnitudes = {id(layer.magnitude) for layer in layers if layer.magnitude is not None}
     factors = {id(p) for layer in layers for p in layer.factors().values()}
-    saved = {id(p) for _, mod in _modules_to_save(model, adapter_config(model).modules_to_save) for p in mod.parameters()}
+    saved = {id(p) for _, mod in find_modules_to_save(model, adapter_config(model).modules_to_save) for p in mod.parameters()}
     lrs = {
         "adapter": training.learning_rate,
         "magnitude": training.magnitude_learning_rate or training.learning_rate,
@@ -428,12 +428,6 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, callba
         prepare_quantized(model, recipe.adapter, recipe.model.quantization)
     else:
         apply(model, recipe.adapter, progress=args.process_index == 0)
-    if any(hasattr(p, "ds_id") for p in model.parameters()):
-        from deepspeed import zero
-
-        for _, layer in adapter_layers(model):  # the layer reads its base layer's weight without calling it
-            for p in layer.base_layer.parameters():
-                zero.register_external_parameter(layer, p)
     if args.process_index == 0:
         print(trainable_parameters(model), flush=True)
     with args.main_process_first(local=False):
