@@ -426,7 +426,8 @@ class _AdapterStep(torch.autograd.Function):
         grad_r = grad_h.T @ h1.to(ad) if need_r else None  # (r, r)
         grad_h1 = grad_h if rr is None else grad_h @ rr  # (N, r)
         grad_a = _mm(grad_h1.to(cd).T, x2, ad) if need_a else None  # (r, in)
-        grad_xd = (grad_h1.to(cd) @ a.to(cd)).view(ctx.xd_shape).to(ctx.xd_dtype) if need_xd else None
+        xdt = ctx.xd_dtype  # in d(x)'s own dtype: under autocast no low-precision (N, in) copy to upcast
+        grad_xd = (grad_h1.to(xdt) @ a.to(xdt)).view(ctx.xd_shape) if need_xd else None
         if with_magnitude and layer.exact_norm:
             # C = W Aᵀ was kept from forward when A trains; else it is cached (A frozen): no product with W here
             c, gram = layer._c_and_g() if c is None else (c, a @ a.T)

@@ -53,19 +53,18 @@ def _flash_like(module, query, key, value, attention_mask, dropout=0.0, scaling=
 
 def meta_base(recipe: Recipe, config_path: str | None = None) -> torch.nn.Module:
     """The recipe's base model on the meta device, in the recipe's dtype, with flash-like attention."""
-    from transformers import AttentionInterface, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AttentionInterface
 
-    from svdadapt.count import model_config
+    from svdadapt.count import meta_model as config_model
+    from svdadapt.data.glue import glue_task
 
+    m = recipe.model
+    labels = m.num_labels or (glue_task(recipe.data.glue_task).num_labels if m.task == "sequence_classification" else None)
+    where, option = (config_path, "--model-config") if config_path else (m.name_or_path, "model.name_or_path")
+    model = config_model(where, task=m.task, num_labels=labels, option=option).to(getattr(torch, m.dtype))
     AttentionInterface.register(ATTENTION, _flash_like)
-    cfg = model_config(config_path or recipe.model.name_or_path, what="--model-config" if config_path else "model.name_or_path")
-    if recipe.model.task == "sequence_classification":
-        cfg.num_labels = recipe.model.num_labels or 2
-        cls = AutoModelForSequenceClassification
-    else:
-        cls = AutoModelForCausalLM
-    with torch.device("meta"):
-        return cls.from_config(cfg, dtype=getattr(torch, recipe.model.dtype), attn_implementation=ATTENTION)
+    model.set_attn_implementation(ATTENTION)
+    return model
 
 
 def meta_model(recipe: Recipe, config_path: str | None = None) -> torch.nn.Module:

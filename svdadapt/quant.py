@@ -285,11 +285,12 @@ def quantize_linear(linear: nn.Linear, quantization: str) -> nn.Module:
 
 
 def _skipped(model: nn.Module, skip) -> set[int]:
-    from svdadapt.model import _HEAD_NAMES, _matches, _output_heads
+    from svdadapt.model import name_matches, output_heads
 
-    out = set(_output_heads(model))
+    heads = output_heads(model)
+    out = set(heads)
     for name, module in model.named_modules():
-        if name and (name.rsplit(".", 1)[-1] in _HEAD_NAMES or _matches(name, skip)):
+        if name and (id(module) in heads or name_matches(name, skip)):
             out |= {id(m) for m in module.modules()}
     return out
 
@@ -312,7 +313,7 @@ def quantize_model(model: nn.Module, quantization: str, adapter_config: AdapterC
         `model`.
     """
     _check_quantization(quantization)
-    from svdadapt.model import _replace, apply
+    from svdadapt.model import apply, replace_module
 
     residual = adapter_config is not None and get_method(adapter_config.method).residual
     if adapter_config is not None and residual:
@@ -324,7 +325,7 @@ def quantize_model(model: nn.Module, quantization: str, adapter_config: AdapterC
             module.kind = base_kind(module.base_layer)
             module.refresh()
         elif type(module) is nn.Linear and id(module) not in keep and not name.endswith("base_layer"):
-            _replace(model, name, quantize_linear(module, quantization))
+            replace_module(model, name, quantize_linear(module, quantization))
     if adapter_config is not None and not residual:
         apply(model, adapter_config)
     return model

@@ -29,7 +29,7 @@ from torch import nn
 
 from svdadapt import norm
 from svdadapt.config import AdapterConfig
-from svdadapt.model import _replace, adapter_config, adapter_layers, find_targets, initialize_layer, wrap
+from svdadapt.model import adapter_config, adapter_layers, find_targets, initialize_layer, replace_module, wrap
 from svdadapt.svd import fingerprint_matches
 
 SERVABLE = ("edora", "loraxs")
@@ -158,7 +158,7 @@ class AdapterBank(nn.Module):
             bank_layer = BankLayer(layer, self.routing, dtype or (w_dtype if w_dtype.is_floating_point else torch.float32))
             self.fingerprints[name] = layer.base_fingerprint
             self.layers[name] = bank_layer
-            _replace(model, name, bank_layer)
+            replace_module(model, name, bank_layer)
         for p in model.parameters():
             p.requires_grad_(False)
 

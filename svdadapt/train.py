@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 from svdadapt.methods import get_method
-from svdadapt.model import _modules_to_save, adapter_config, adapter_layers, apply, trainable_parameters
-from svdadapt.paths import resolve_path
+from svdadapt.model import adapter_config, adapter_layers, apply, find_modules_to_save, trainable_parameters
+from svdadapt.paths import locate, resolve_path
 from svdadapt.recipe import Recipe, dump_recipe, load_recipe
 
 COMPLETE = "svdadapt_checkpoint.json"  # written into a checkpoint once every file of it is saved
@@ -96,6 +96,30 @@ def _model_path(recipe: Recipe) -> str:
     return path
 
 
+def check_sources(recipe: Recipe) -> None:
+    """Fail in seconds, before anything loads, if the model, tokenizer or data can be neither found
+    locally nor fetched from the hub (offline, not cached); the error names the `--set` key to change."""
+    from svdadapt.data import METAMATHQA
+    from svdadapt.data.glue import HUB_ID, SAMPLE
+
+    m, d = recipe.model, recipe.data
+    locate(m.name_or_path, "--set model.name_or_path")
+    if m.tokenizer:
+        locate(m.tokenizer, "--set model.tokenizer")
+    if d.kind == "math":
+        locate(d.source or METAMATHQA, "--set data.source", "dataset")
+        if d.eval_source:
+            locate(d.eval_source, "--set data.eval_source", "dataset")
+    elif d.source is None:
+        locate(HUB_ID, "--set data.source", "dataset")
+    elif not Path(resolve_path(d.source)).is_dir():
+        raise ValueError(
+            f"--set data.source={d.source!r}: GLUE directory {resolve_path(d.source)!r} does not exist (relative paths start at "
+            f"the working directory); pass a directory in the original GLUE layout, {SAMPLE} (the SST-2 sample), "
+            "or null for the hub's nyu-mll/glue"
+        )
+
+
 def load_tokenizer(recipe: Recipe):
     """The recipe's tokenizer, with a pad token (EOS or UNK if it has none)."""
     from transformers import AutoTokenizer
@@ -157,7 +181,7 @@ def param_groups(model: torch.nn.Module, training) -> list[dict]:
     layers = [layer for _, layer in adapter_layers(model)]
     magnitudes = {id(layer.magnitude) for layer in layers if layer.magnitude is not None}
     factors = {id(p) for layer in layers for p in layer.factors().values()}
-    saved = {id(p) for _, mod in _modules_to_save(model, adapter_config(model).modules_to_save) for p in mod.parameters()}
+    saved = {id(p) for _, mod in find_modules_to_save(model, adapter_config(model).modules_to_save) for p in mod.parameters()}
     lrs = {
         "adapter": training.learning_rate,
         "magnitude": training.magnitude_learning_rate or training.learning_rate,
@@ -290,6 +314,21 @@ def _trainer_class():
                     shutil.rmtree(old, ignore_errors=True)
 
     return AdapterTrainer
+
+
+def _restart_clock_after_first_evaluation(trainer) -> None:
+    """Restart the training progress bar's clock after the evaluation before training, so its first
+    ETA is the training's own and not inflated by that evaluation."""
+    from transformers.trainer_callback import ProgressCallback
+
+    class Progress(ProgressCallback):
+        def on_evaluate(self, args, state, control, **kwargs):
+            super().on_evaluate(args, state, control, **kwargs)
+            if state.global_step == 0 and self.training_bar is not None:
+                self.training_bar.reset(total=state.max_steps)
+
+    if trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(Progress())
 
 
 # --- the run ----------------------------------------------------------------------------------
@@ -430,6 +469,7 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, callba
     from svdadapt.data import build_data
 
     checkpoint = check_output_dir(recipe, resume, overwrite)
+    check_sources(recipe)
     out = Path(recipe.output_dir)
     start = time.time()
     tokenizer = load_tokenizer(recipe)
@@ -467,6 +507,7 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, callba
         compute_metrics=data.compute_metrics,
         callbacks=list(callbacks),
     )
+    _restart_clock_after_first_evaluation(trainer)
     trained = time.time()
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     train_time = time.time() - trained
@@ -524,4 +565,4 @@ def cli(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["RunResult", "check_output_dir", "cli", "complete_checkpoints", "param_groups", "resolve_path", "run"]
+__all__ = ["RunResult", "check_output_dir", "check_sources", "cli", "complete_checkpoints", "param_groups", "resolve_path", "run"]

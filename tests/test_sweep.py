@@ -72,3 +72,17 @@ def test_only_is_a_substring_or_a_full_name_glob(text, picked):
 
     names = ["dora-rte-0", "edora-rte-0", "dora_mlr10-rte-0", "dora-mrpc-0"]
     assert [n for n in names if _selects(text, n)] == picked
+
+
+def test_a_misspelt_variant_key_is_refused_naming_the_variant(tmp_path, capsys):
+    recipe = tmp_path / "base.yaml"
+    recipe.write_text(yaml.safe_dump({"model": {"name_or_path": "m"}, "adapter": {"method": "edora"}}))
+    sweep = tmp_path / "s.yaml"
+    spec = {"recipe": str(recipe), "output_root": str(tmp_path / "runs"), "results": str(tmp_path / "results")}
+    sweep.write_text(yaml.safe_dump({**spec, "variants": {"ok": {"adapter.r": 4}, "typo": {"training.learning_rat": 1e-3}}}))
+    with pytest.raises(
+        ValueError, match=r"(?s)variant 'typo' \(run 'typo'\).*unknown key 'training.learning_rat'. Did you mean 'learning_rate'"
+    ):
+        read_sweep(sweep)
+    assert cli([str(sweep), "--dry-run"]) == 2
+    assert "variant 'typo'" in capsys.readouterr().err and not (tmp_path / "runs").exists()

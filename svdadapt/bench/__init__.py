@@ -35,12 +35,20 @@ def bank_suite(quick: bool) -> dict:
     return {"available": True, "result": benchmark_bank(quick)}
 
 
+QUICK_NOT_JUDGED = "not judged: --quick times small shapes; run without --quick"
+
+
 def targets(result: dict) -> list[dict]:
-    """The project's speed and memory targets, each with the measured figure and whether it is met."""
+    """The project's speed and memory targets, each with the measured figure and whether it is met.
+
+    A --quick run times small shapes, so its speed figures say nothing about the targets (set on
+    Mistral-7B shapes): those are marked not judged; memory and accuracy targets are judged as usual.
+    """
     out = []
 
-    def add(name, value, met):
-        out.append({"target": name, "value": value, "met": bool(met)})
+    def add(name, value, met, timing=True):
+        judged = not (timing and result.get("quick"))
+        out.append({"target": name, "value": value, "met": bool(met) if judged else QUICK_NOT_JUDGED})
 
     rows_all = [r for r in result.get("layer", []) if "error" not in r]
     for label in sorted({r["dtype"] for r in rows_all}, key=lambda d: d != "float32"):
@@ -75,6 +83,7 @@ def targets(result: dict) -> list[dict]:
                 f"model {row.get('dtype', 'float32')} {row['config']} r={row['r']} peak <= peft LoRA + one (tokens x out) per layer",
                 round(row["peak_mib"], 1),
                 row["within_budget"],
+                timing=False,
             )
     init = result.get("init")
     if init:
@@ -89,7 +98,12 @@ def targets(result: dict) -> list[dict]:
             add(f"fingerprint of a {row['shape']} bf16 weight >= 5 GB/s per CPU second", round(speed, 2), speed >= 5)
         decay = [r for r in init["accuracy"]["rows"] if r["matrix"].startswith("power law")]
         for row in decay:
-            add(f"randomized rel. error <= 1%: {row['matrix']}", round(row["rel_error"], 5), row["rel_error"] <= 0.01)
+            add(
+                f"randomized rel. error <= 1%: {row['matrix']}",
+                round(row["rel_error"], 5),
+                row["rel_error"] <= 0.01,
+                timing=False,
+            )
     return out
 
 
