@@ -38,6 +38,7 @@ from svdadapt.recipe import Recipe, load_recipe
 
 GB = 1e9
 STAGES = ("none", "zero2", "zero3")
+STAGE_NAMES = {"none": "no ZeRO", "zero2": "ZeRO-2", "zero3": "ZeRO-3"}
 ATTENTION = "svdadapt_plan"
 
 
@@ -311,7 +312,7 @@ def report(recipe: Recipe, gpus: int, gpu_memory: float, tflops: float, config_p
         f"{s.trainable:,} trained of {s.trainable + s.frozen:,} parameters; {gpus} GPU(s) of {gpu_memory:g} GB; "
         f"micro-batch {batch} x {length} tokens",
         "",
-        "| per GPU, GB | " + " | ".join(STAGES) + " |",
+        "| per GPU, GB | " + " | ".join(STAGE_NAMES[st] for st in STAGES) + " |",
         "|---|" + "---|" * len(STAGES),
     ]
     states = {st: model_states(s, st, gpus, half) for st in STAGES}
@@ -344,7 +345,7 @@ def report(recipe: Recipe, gpus: int, gpu_memory: float, tflops: float, config_p
         f"(it runs where the weights are loaded: the CPU without ZeRO-3, every rank's GPU under ZeRO-3)",
         "",
     ]
-    setting = f"{ours if ours != 'none' else 'no ZeRO'}, {'with' if ck else 'no'} gradient checkpointing"
+    setting = f"{STAGE_NAMES[ours]}, {'with' if ck else 'no'} gradient checkpointing"
     if fits:
         lines.append(f"The recipe's setting ({setting}) needs {_gb(need)} GB per GPU: fits in {gpu_memory:g} GB.")
     else:
@@ -357,7 +358,7 @@ def report(recipe: Recipe, gpus: int, gpu_memory: float, tflops: float, config_p
         better = [(st, c) for st in STAGES for c in (False, True) if sum(states[st].values()) + acts[c] <= gpu_memory * GB]
         if better:
             st, c = better[0]
-            lines.append(f"It fits with {st}, {'with' if c else 'no'} gradient checkpointing.")
+            lines.append(f"It fits with {STAGE_NAMES[st]}, {'with' if c else 'no'} gradient checkpointing.")
         else:
             lines.append("No ZeRO stage fits at this micro-batch: lower training.per_device_train_batch_size or data.max_length.")
     return "\n".join(lines), fits
