@@ -314,7 +314,7 @@ class AdapterLayer(nn.Module):
         y = self.kind.forward(self.base_layer, x, bias=self.magnitude is None)  # (..., out): x Wᵀ (+ bias)
         xd = self.dropout(x)
         dev = y.device.type
-        if torch.is_autocast_enabled(dev):  # the step casts explicitly: autocast must not recast its float32 parts
+        if dev != "meta" and torch.is_autocast_enabled(dev):  # the step casts explicitly: autocast must not recast its float32 parts
             with torch.autocast(dev, enabled=False):
                 return _AdapterStep.apply(y, xd, self.lora_A, self.lora_B, self.lora_R, self.magnitude, self.bias, self)
         return _AdapterStep.apply(y, xd, self.lora_A, self.lora_B, self.lora_R, self.magnitude, self.bias, self)

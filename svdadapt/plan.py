@@ -24,7 +24,6 @@ are not counted.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 from dataclasses import dataclass
@@ -77,22 +76,6 @@ def meta_model(recipe: Recipe, config_path: str | None = None) -> torch.nn.Modul
     return model
 
 
-@contextlib.contextmanager
-def _no_meta_autocast():
-    """`torch.is_autocast_enabled("meta")` raises (autocast knows no meta device); answer False for it, as
-    there is no autocast on meta, while the step runs."""
-    real = torch.is_autocast_enabled
-
-    def enabled(*args):
-        return False if args and str(args[0]) == "meta" else real(*args)
-
-    torch.is_autocast_enabled = enabled
-    try:
-        yield
-    finally:
-        torch.is_autocast_enabled = real
-
-
 def activation_bytes(model: torch.nn.Module, batch: int, length: int, checkpointing: bool, causal: bool = True) -> int:
     """Peak bytes one training step's forward and backward allocate beyond the model (gradients of the
     trained tensors are counted with the model states, so they are dropped as soon as they are made)."""
@@ -109,7 +92,7 @@ def activation_bytes(model: torch.nn.Module, batch: int, length: int, checkpoint
         p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None)) for p in model.parameters() if p.requires_grad
     ]
     try:
-        with _no_meta_autocast(), PeakTensorBytes() as live:
+        with PeakTensorBytes() as live:
             model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss.backward()
     finally:
         for h in hooks:
