@@ -90,7 +90,7 @@ def test_a_variant_grid_multiplies_the_sweep_grid(tmp_path):
         "variants": {"lora": {"adapter.method": "lora", "grid": {"training.learning_rate": [2.0e-4, 1.0e-3]}}, "edora": {}},
         "grid": {"data.glue_task": ["rte", "mrpc"]},
     }
-    f.write_text(yaml.safe_dump(spec))
+    f.write_text(yaml.safe_dump(spec, sort_keys=False))
     _, runs = read_sweep(f)
     assert [r.name for r in runs] == [
         "lora-rte-0.0002",
@@ -103,10 +103,10 @@ def test_a_variant_grid_multiplies_the_sweep_grid(tmp_path):
     assert dict(runs[1].overrides) == {"adapter.method": "lora", "training.learning_rate": 1.0e-3, "data.glue_task": "rte"}
     assert {r.variant for r in runs} == {"lora", "edora"}
     spec["variants"]["lora"]["grid"] = {"data.glue_task": ["sst2"]}
-    f.write_text(yaml.safe_dump(spec))
+    f.write_text(yaml.safe_dump(spec, sort_keys=False))
     with pytest.raises(ValueError, match=r"variant 'lora' grids \['data.glue_task'\]"):
         read_sweep(f)
     spec["variants"]["lora"]["grid"] = {"training.learning_rate": []}
-    f.write_text(yaml.safe_dump(spec))
+    f.write_text(yaml.safe_dump(spec, sort_keys=False))
     with pytest.raises(ValueError, match="variant 'lora': 'grid' must map keys to non-empty lists"):
         read_sweep(f)
