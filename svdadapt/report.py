@@ -328,8 +328,8 @@ def tuned_comparison(task: str, runs: list[dict]) -> tuple[dict, str]:
         )
     lines += [
         "",
-        f"Selected: the rate with the best validation {metric} at the search seed (205 held-out training examples "
-        "in the evidence recipes), ties to the lower validation loss; (edge): the best rate is at the grid's edge. "
+        f"Selected: the rate with the best {metric} on the held-out validation split (carved from the training "
+        "examples) at the search seed, ties to the lower validation loss; (edge): the best rate is at the grid's edge. "
         f"Dev is scored once per run, after training. Δ: mean over shared seeds of the arm's dev {metric} minus "
         f"{BASELINE}'s, each at its selected rate, with a 95% percentile bootstrap interval over dev examples (paired) and "
         f"seeds ({BOOTSTRAP} resamples); * the interval excludes 0. Clipped steps: optimiser steps whose gradient "
