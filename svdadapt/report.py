@@ -298,7 +298,7 @@ def tuned_comparison(task: str, runs: list[dict]) -> tuple[dict, str]:
     for name in sorted(arms, key=lambda n: (arms[n][0]["trainable_params"], n)):
         rate, search = chosen[name]
         rates = sorted(search)
-        edge = " (edge)" if len(rates) > 1 and rate in (rates[0], rates[-1]) else ""
+        edge = " (edge)" if len(rates) > 1 and rate in (rates[0], rates[-1]) else " (only rate run)" if len(rates) == 1 else ""
         shown = ", ".join(f"{lr:g}: {v.get(metric, math.nan):.3f}" for lr, v in search.items())
         dev = [r["test"][metric] for r in at[name].values() if metric in r.get("test", {})]
         mean, sd = mean_sd(dev) if dev else (math.nan, None)
@@ -329,7 +329,7 @@ def tuned_comparison(task: str, runs: list[dict]) -> tuple[dict, str]:
     lines += [
         "",
         f"Selected: the rate with the best {metric} on the held-out validation split (carved from the training "
-        "examples) at the search seed, ties to the lower validation loss; (edge): the best rate is at the grid's edge. "
+        "examples) at the search seed, ties to the lower validation loss; (edge): the best rate is at the grid's edge; (only rate run): no search yet. "
         f"Dev is scored once per run, after training. Δ: mean over shared seeds of the arm's dev {metric} minus "
         f"{BASELINE}'s, each at its selected rate, with a 95% percentile bootstrap interval over dev examples (paired) and "
         f"seeds ({BOOTSTRAP} resamples); * the interval excludes 0. Clipped steps: optimiser steps whose gradient "
