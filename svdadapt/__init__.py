@@ -1,29 +1,65 @@
-"""svdadapt: SVD-initialised, weight-decomposed adapters (DuDe, EDoRA, and relatives) on one code path."""
+"""svdadapt: SVD-initialised, weight-decomposed adapters (DuDe, EDoRA, and relatives) on one code path.
 
-__version__ = "0.1.0"
+The public names and the submodules (`svdadapt.quant`, `svdadapt.serve`, ...) load on first use
+(PEP 562), so `import svdadapt` and `svdadapt --help` import neither torch nor transformers.
+"""
 
-from svdadapt.config import AdapterConfig
-from svdadapt.io import export_peft, load_adapter, save_adapter
-from svdadapt.layer import AdapterLayer, register_base_kind
-from svdadapt.methods import Factors, InitContext, methods, register_method
-from svdadapt.model import adapter_layers, apply, merge, trainable_parameters
+from __future__ import annotations
 
-__all__ = [
-    "AdapterConfig",
-    "AdapterLayer",
-    "Factors",
-    "InitContext",
-    "adapter_layers",
-    "apply",
-    "export_peft",
-    "load_adapter",
-    "merge",
-    "methods",
-    "register_base_kind",
-    "register_method",
-    "save_adapter",
-    "trainable_parameters",
-]
+import importlib
+import sys
+import types
 
-# registers the bitsandbytes layer kinds (imports no bitsandbytes itself)
-from svdadapt import quant  # noqa: E402, F401
+from svdadapt.version import __version__
+
+_EXPORTS = {
+    "AdapterConfig": "svdadapt.config",
+    "AdapterLayer": "svdadapt.layer",
+    "Factors": "svdadapt.methods",
+    "InitContext": "svdadapt.methods",
+    "adapter_layers": "svdadapt.model",
+    "apply": "svdadapt.model",
+    "export_peft": "svdadapt.io",
+    "load_adapter": "svdadapt.io",
+    "merge": "svdadapt.model",
+    "methods": "svdadapt.methods",
+    "register_base_kind": "svdadapt.layer",
+    "register_method": "svdadapt.methods",
+    "save_adapter": "svdadapt.io",
+    "trainable_parameters": "svdadapt.model",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+class _Package(types.ModuleType):
+    """The package module. Importing a submodule sets it as an attribute of the package; where a
+    public function has the submodule's name (`svdadapt.methods()`), the function keeps the name."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in _EXPORTS and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
+
+def __getattr__(name: str):
+    """A public name from its module, or a submodule (`svdadapt.quant`), imported on first use."""
+    if name.startswith("_"):
+        raise AttributeError(name)
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    try:
+        return importlib.import_module(f"svdadapt.{name}")
+    except ModuleNotFoundError as e:
+        if e.name != f"svdadapt.{name}":
+            raise
+        raise AttributeError(f"module 'svdadapt' has no attribute {name!r}") from None
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -3,6 +3,7 @@
 svdadapt train recipes/quickstart.yaml
 svdadapt eval --model PATH --adapter DIR --tasks gsm8k,mmlu --data-dir ../shared/data
 svdadapt count --model config.json --method edora --r 16 --targets q_proj,v_proj
+svdadapt plan recipes/mistral_dude.yaml --gpus 8
 svdadapt report runs/a runs/b
 svdadapt bench --quick
 """
@@ -17,6 +18,7 @@ COMMANDS = {
     "train": ("svdadapt.train", "cli", "fine-tune a model from a YAML recipe (HF Trainer, optionally DeepSpeed)"),
     "eval": ("svdadapt.evaluate", "cli", "evaluate a base model or adapter with lm-eval tasks or GLUE"),
     "count": ("svdadapt.count", "cli", "count trainable parameters per method and rank from a model config"),
+    "plan": ("svdadapt.plan", "cli", "per-GPU memory, checkpoint size and init time of a recipe, before running it"),
     "sweep": ("svdadapt.sweep", "cli", "run a grid of recipe variants, resumably, in time-boxed chunks"),
     "report": ("svdadapt.report", "cli", "a Markdown table and plots comparing training runs"),
     "bench": ("svdadapt.bench", "cli", "speed and memory benchmarks against the base layer and peft"),
@@ -33,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {name:<8} {text}")
         return 0
     if argv[0] in ("-V", "--version"):
-        from svdadapt import __version__
+        from svdadapt.version import __version__
 
         print(__version__)
         return 0

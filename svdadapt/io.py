@@ -22,8 +22,8 @@ from torch import nn
 
 from svdadapt.config import AdapterConfig
 from svdadapt.methods import get_method
-from svdadapt.model import CONFIG_ATTR, _gathered, _modules_to_save, adapter_config, adapter_layers, apply, find_targets
-from svdadapt.svd import fingerprint
+from svdadapt.model import CONFIG_ATTR, adapter_config, adapter_layers, apply, find_modules_to_save, find_targets, gathered
+from svdadapt.svd import fingerprint, fingerprint_matches
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter.safetensors"
@@ -51,7 +51,7 @@ def atomic_directory(directory: str | os.PathLike):
 
 
 def _version() -> str:
-    from svdadapt import __version__
+    from svdadapt.version import __version__
 
     return __version__
 
@@ -61,15 +61,15 @@ def adapter_state(model: nn.Module, compact: bool) -> tuple[dict[str, torch.Tens
     cfg = adapter_config(model)
     tensors, layers = {}, {}
     for name, layer in adapter_layers(model):
-        with _gathered(layer, modify=False):
+        with gathered(layer, modify=False):
             for factor, p in layer.factors().items():
                 if p.requires_grad or not compact:
                     tensors[f"{name}.{factor}"] = p.detach()
             if layer.init_A is not None and not compact:
                 tensors[f"{name}.init_A"], tensors[f"{name}.init_B"] = layer.init_A, layer.init_B
         layers[name] = {"shape": [layer.out_features, layer.in_features], "fingerprint": layer.base_fingerprint}
-    for name, module in _modules_to_save(model, cfg.modules_to_save):
-        with _gathered(module, modify=False):
+    for name, module in find_modules_to_save(model, cfg.modules_to_save):
+        with gathered(module, modify=False):
             for pname, p in module.named_parameters():
                 tensors[f"{name}.{pname}"] = p.detach()
     tensors = {k: v.to("cpu", copy=True).contiguous() for k, v in tensors.items()}
@@ -95,7 +95,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *, compact: boo
         "base_rewritten": get_method(cfg.method).residual,
         "config": cfg.to_dict(),
         "layers": layers,
-        "modules_to_save": [n for n, _ in _modules_to_save(model, cfg.modules_to_save)],
+        "modules_to_save": [n for n, _ in find_modules_to_save(model, cfg.modules_to_save)],
     }
     with atomic_directory(directory) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "svdadapt_version": _version()})
@@ -103,8 +103,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *, compact: boo
     return Path(directory)
 
 
-def read_adapter(directory: str | os.PathLike) -> tuple[dict, AdapterConfig, dict[str, torch.Tensor]]:
-    """Read and check an adapter directory's files; raises `ValueError` naming what is wrong."""
+def read_adapter_meta(directory: str | os.PathLike) -> tuple[dict, AdapterConfig]:
+    """Read and check an adapter directory's config file (not its tensors); raises `ValueError` naming what is wrong."""
     d = Path(directory)
     if not d.is_dir():
         raise ValueError(f"adapter directory {str(d)!r} does not exist; pass the directory save_adapter wrote")
@@ -122,12 +122,50 @@ def read_adapter(directory: str | os.PathLike) -> tuple[dict, AdapterConfig, dic
         raise ValueError(
             f"{d / CONFIG_FILE} has format {meta['format']} from svdadapt {meta.get('svdadapt_version')}; upgrade svdadapt to read it"
         )
-    cfg = AdapterConfig.from_dict(meta["config"], source=str(d / CONFIG_FILE))
+    return meta, AdapterConfig.from_dict(meta["config"], source=str(d / CONFIG_FILE))
+
+
+def read_adapter(directory: str | os.PathLike) -> tuple[dict, AdapterConfig, dict[str, torch.Tensor]]:
+    """Read and check an adapter directory's files; raises `ValueError` naming what is wrong."""
+    d = Path(directory)
+    meta, cfg = read_adapter_meta(d)
     try:
         tensors = load_file(str(d / WEIGHTS_FILE))
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{d / WEIGHTS_FILE} is truncated or corrupted ({e}); save the adapter again") from None
     return meta, cfg, tensors
+
+
+def check_layers(model: nn.Module, meta: dict, cfg: AdapterConfig, directory: str | os.PathLike) -> dict[str, nn.Module]:
+    """The model's target modules, checked against the adapter's layer names and shapes (works on a
+    meta-device model); a mismatch raises `ValueError` naming the base model the adapter records."""
+    from svdadapt.layer import base_kind
+
+    trained_on = (
+        f"the adapter was trained on base model {meta['base_model']!r}"
+        if meta.get("base_model")
+        else "is this the right base model?"
+    )
+    saved = meta["layers"]
+    try:
+        targets = dict(find_targets(model, cfg))
+    except ValueError as e:
+        raise ValueError(f"{directory}: {e}; {trained_on}") from None
+    if missing := sorted(set(saved) - set(targets)):
+        raise ValueError(
+            f"{directory}: the adapter wraps layers the model does not have or does not target: {missing[:5]}; {trained_on}"
+        )
+    if extra := sorted(set(targets) - set(saved)):
+        raise ValueError(f"{directory}: the model has target layers the adapter lacks: {extra[:5]}; {trained_on}")
+    for name, module in targets.items():
+        with gathered(module, modify=False):
+            shape = tuple(base_kind(module).weight(module).shape)
+        if list(shape) != list(saved[name]["shape"]):
+            raise ValueError(
+                f"{directory}: layer {name!r} has shape {shape} in the model but {tuple(saved[name]['shape'])} in the adapter; "
+                f"wrong base model: {trained_on}"
+            )
+    return targets
 
 
 def _expected_shapes(meta: dict, cfg: AdapterConfig) -> dict[str, tuple[int, ...]]:
@@ -153,35 +191,30 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, *, check_finger
     """
     meta, cfg, tensors = read_adapter(directory)
     d = Path(directory)
-    targets = dict(find_targets(model, cfg))
+    targets = check_layers(model, meta, cfg, d)
     saved = meta["layers"]
-    if missing := sorted(set(saved) - set(targets)):
-        raise ValueError(
-            f"{d}: the adapter wraps layers the model does not have or does not target: {missing[:5]}; is this the right base model?"
-        )
-    if extra := sorted(set(targets) - set(saved)):
-        raise ValueError(f"{d}: the model has target layers the adapter lacks: {extra[:5]}; is this the right base model?")
     from svdadapt.layer import base_kind
 
-    for name, module in targets.items():  # shapes first: the cheaper and clearer mismatch
-        with _gathered(module, modify=False):
-            shape = tuple(base_kind(module).weight(module).shape)
-        if list(shape) != list(saved[name]["shape"]):
-            raise ValueError(
-                f"{d}: layer {name!r} has shape {shape} in the model but {tuple(saved[name]['shape'])} in the adapter; wrong base model"
-            )
+    prints = {name: info.get("fingerprint") for name, info in saved.items()}
     for name, module in targets.items() if check_fingerprint else ():
-        with _gathered(module, modify=False):
+        with gathered(module, modify=False):
             w = base_kind(module).weight(module)
-            want = saved[name].get("fingerprint")
-            if want and fingerprint(w) != want:
+            if prints[name] is None:
+                continue
+            current = fingerprint(w)
+            try:
+                same = fingerprint_matches(w, prints[name], current)
+            except ValueError as e:
+                raise ValueError(f"{d / CONFIG_FILE}, layer {name!r}: {e}") from None
+            if not same:
                 raise ValueError(
                     f"{d}: the base weight of layer {name!r} differs from the one the adapter was trained on "
                     f"(fingerprint mismatch; dtype here {w.dtype}). Load the same base model and dtype, or pass check_fingerprint=False"
                 )
+            prints[name] = current  # a checked version-1 fingerprint is carried on in the current version
     shapes = _expected_shapes(meta, cfg)
-    keep = {f"{n}.{p}": q for n, m in _modules_to_save(model, cfg.modules_to_save) for p, q in m.named_parameters()}
-    shapes.update({k: tuple(v.shape) for k, v in keep.items()})
+    keep = {f"{n}.{p}": q for n, m in find_modules_to_save(model, cfg.modules_to_save) for p, q in m.named_parameters()}
+    shapes.update({k: tuple(getattr(v, "ds_shape", v.shape)) for k, v in keep.items()})  # ZeRO-3: the whole shape
     if missing := sorted(set(shapes) - set(tensors)):
         raise ValueError(
             f"{d / WEIGHTS_FILE} lacks tensors {missing[:5]} ({len(missing)} in all); the file does not match its config"
@@ -192,11 +225,14 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, *, check_finger
     apply(model, cfg, initialize=meta.get("compact", False))
     with torch.no_grad():
         for name, layer in adapter_layers(model):
-            layer.base_fingerprint = saved[name].get("fingerprint")
+            layer.base_fingerprint = prints[name]
             prefix = f"{name}."
-            layer.load_factors({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix) and k in shapes})
-        for k, p in keep.items():
-            p.copy_(tensors[k])
+            with gathered(layer, modify=True):  # a full residual state rewrites the base weight
+                layer.load_factors({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix) and k in shapes})
+        for name, module in find_modules_to_save(model, cfg.modules_to_save):
+            with gathered(module, modify=True):
+                for pname, p in module.named_parameters():
+                    p.copy_(tensors[f"{name}.{pname}"])
     return model
 
 
@@ -213,16 +249,16 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
     method = get_method(cfg.method)
     tensors, fan_in_fan_out, rank = {}, False, cfg.r * (2 if method.residual else 1)
     for name, layer in adapter_layers(model):
-        with _gathered(layer, modify=False), torch.no_grad():
+        with gathered(layer, modify=False), torch.no_grad():
             b, a = layer.direction(), layer.lora_A
             if method.residual:
-                b, a = torch.cat([b, -layer.init_B], 1), torch.cat([a, layer.init_A], 0)
+                b, a = torch.cat([b, -layer.init_B.to(b)], 1), torch.cat([a, layer.init_A.to(a)], 0)  # B0, A0 live on the CPU
             key = f"base_model.model.{name}"
             tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"] = a, b
             if layer.magnitude is not None:
                 tensors[f"{key}.lora_magnitude_vector"] = layer.magnitude
         fan_in_fan_out |= layer.kind.__name__ == "Conv1DKind"
-    for name, module in _modules_to_save(model, cfg.modules_to_save):
+    for name, module in find_modules_to_save(model, cfg.modules_to_save):
         for pname, p in module.named_parameters():
             tensors[f"base_model.model.{name}.{pname}"] = p
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
@@ -242,4 +278,13 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
     return Path(directory)
 
 
-__all__ = ["save_adapter", "load_adapter", "export_peft", "read_adapter", "atomic_directory", "CONFIG_ATTR"]
+__all__ = [
+    "save_adapter",
+    "load_adapter",
+    "export_peft",
+    "read_adapter",
+    "read_adapter_meta",
+    "check_layers",
+    "atomic_directory",
+    "CONFIG_ATTR",
+]

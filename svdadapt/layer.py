@@ -19,9 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from svdadapt import norm
 from svdadapt.methods import Factors, Method
 
-_CHUNK_ELEMENTS = 1 << 22  # rows of a low-precision W upcast at a time when computing W Aᵀ
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 # --- base-layer kinds: first match wins ----------------------------------------------------
@@ -29,6 +30,8 @@ _CHUNK_ELEMENTS = 1 << 22  # rows of a low-precision W upcast at a time when com
 
 class LinearKind:
     """`torch.nn.Linear`: weight (out, in)."""
+
+    dtypes = FLOAT_DTYPES
 
     @staticmethod
     def matches(module: nn.Module) -> bool:
@@ -47,6 +50,10 @@ class LinearKind:
         module.weight.data.copy_(w)
 
     @staticmethod
+    def row_blocks(module, dtype: torch.dtype):
+        return norm.row_blocks(module.weight, dtype)
+
+    @staticmethod
     def merged(module, w: torch.Tensor) -> nn.Module:
         out = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
         out.weight = nn.Parameter(w.to(module.weight.dtype), requires_grad=False)
@@ -57,6 +64,8 @@ class LinearKind:
 
 class Conv1DKind:
     """transformers' GPT-2 `Conv1D`: weight stored transposed, (in, out)."""
+
+    dtypes = FLOAT_DTYPES
 
     @staticmethod
     def matches(module: nn.Module) -> bool:
@@ -75,6 +84,10 @@ class Conv1DKind:
         module.weight.data.copy_(w.T)
 
     @staticmethod
+    def row_blocks(module, dtype: torch.dtype):
+        return norm.row_blocks(module.weight.T, dtype)
+
+    @staticmethod
     def merged(module, w: torch.Tensor) -> nn.Module:
         new = type(module)(w.shape[0], w.shape[1])
         new.weight = nn.Parameter(w.T.contiguous().to(module.weight.dtype), requires_grad=False)
@@ -90,9 +103,27 @@ def register_base_kind(kind: type, first: bool = True) -> None:
     BASE_KINDS.insert(0 if first else len(BASE_KINDS), kind)
 
 
+def _register_known_kinds(module: nn.Module) -> None:
+    """A bitsandbytes layer brings in `svdadapt.quant`, which registers its kinds (ahead of `LinearKind`,
+    which its classes subclass): no import of svdadapt registers them as a side effect."""
+    if type(module).__module__.startswith("bitsandbytes"):
+        import svdadapt.quant  # noqa: F401
+
+
 def base_kind(module: nn.Module, name: str = "") -> type:
+    """The first registered kind that matches `module`; raises naming the module if none does, or if
+    its weight has a dtype the kind cannot serve (e.g. float8 without a registered kind)."""
+    _register_known_kinds(module)
     for kind in BASE_KINDS:
         if kind.matches(module):
+            dtypes = getattr(kind, "dtypes", None)
+            if dtypes is not None and (dt := kind.weight(module).dtype) not in dtypes:
+                where = f"module {name!r}" if name else f"a {type(module).__name__}"
+                raise ValueError(
+                    f"{where} has {dt} weights; an adapter serves {type(module).__name__} weights in "
+                    f"{[str(d).removeprefix('torch.') for d in dtypes]}. Load the model in one of those dtypes, "
+                    "leave this module out of target_modules, or register a kind with svdadapt.layer.register_base_kind."
+                )
             return kind
     supported = ", ".join(k.__doc__.split(":")[0].strip("` ") for k in BASE_KINDS)
     where = f"module {name!r} " if name else ""
@@ -103,41 +134,8 @@ def base_kind(module: nn.Module, name: str = "") -> type:
 
 
 def is_supported(module: nn.Module) -> bool:
+    _register_known_kinds(module)
     return any(kind.matches(module) for kind in BASE_KINDS)
-
-
-# --- the closed-form product W Aᵀ without upcasting W whole --------------------------------
-
-
-class _WeightAT(torch.autograd.Function):
-    """C = W Aᵀ for a frozen W of any dtype, computed in A's dtype a block of rows at a time."""
-
-    @staticmethod
-    def forward(ctx, w, a):  # (out, in), (r, in) -> (out, r)
-        ctx.save_for_backward(w)
-        return torch.cat([blk.to(a.dtype) @ a.T for blk in _row_blocks(w, a.dtype)])
-
-    @staticmethod
-    def backward(ctx, dc):  # (out, r) -> dA (r, in)
-        (w,) = ctx.saved_tensors
-        da, start = None, 0
-        for blk in _row_blocks(w, dc.dtype):
-            part = dc[start : start + blk.shape[0]].T @ blk.to(dc.dtype)
-            da = part if da is None else da + part
-            start += blk.shape[0]
-        return None, da
-
-
-def _row_blocks(w: torch.Tensor, dtype: torch.dtype):
-    if w.dtype == dtype:
-        return [w]
-    rows = max(1, _CHUNK_ELEMENTS // w.shape[1])
-    return w.split(rows)
-
-
-def weight_times_at(w: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """W Aᵀ (out, r) in A's dtype; no upcast copy of the whole W, in forward or backward."""
-    return _WeightAT.apply(w, a)
 
 
 # --- the layer -----------------------------------------------------------------------------
@@ -156,6 +154,12 @@ class AdapterLayer(nn.Module):
 
     The factors are allocated but not initialised: call `initialize(factors)` (or load a state).
     Adapter tensors are float32 (float64 for a float64 base), whatever the base's dtype.
+
+    Precision (DESIGN.md §3). The base matmul runs as the base layer runs alone, in its own dtype or
+    autocast's, and its output's dtype is the layer's output dtype. Products over tokens (x Aᵀ, h Bᵀ
+    and their gradients) run in that dtype with float32 accumulation; R, the norm, g = m / n and the
+    gradients of R and m are float32; g ⊙ ypre + bias is computed in float32 and rounded once, so a
+    change of m by a part in 10⁴ moves a bfloat16 output (g rounded to bfloat16 first would not).
     """
 
     def __init__(
@@ -178,8 +182,12 @@ class AdapterLayer(nn.Module):
         self.lora_R = param("R", r, r) if method.has_R else None
         self.magnitude = param("magnitude", self.out_features) if method.magnitude else None
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        for name in ("init_A", "init_B", "init_magnitude", "_w_sq", "_C", "_G"):
+        for name in ("init_magnitude", "_w_sq", "_C", "_G"):
             self.register_buffer(name, None, persistent=False)
+        # start factors of a residual method (W = W0 − s·B0 A0), kept on the CPU: no step reads them
+        self.init_A: torch.Tensor | None = None
+        self.init_B: torch.Tensor | None = None
+        self._a_version = -1  # lora_A._version when _C and _G were computed
         self.base_fingerprint: str | None = None  # of W0, set by whoever initialises the layer
 
     # --- what the adapter owns (structural: model.py and io.py ask the layer) ---
@@ -191,7 +199,7 @@ class AdapterLayer(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """The frozen base weight as (out, in): W0, or the residual for pissa/dude."""
+        """The frozen base weight as (out, in): W0, or the residual for pissa/dude (dequantized for a quantized base)."""
         return self.kind.weight(self.base_layer)
 
     @property
@@ -212,22 +220,23 @@ class AdapterLayer(nn.Module):
                 raise ValueError(f"method {self.method.name!r} registered has_R=True but its initialiser returned no R")
             self.lora_R.copy_(factors.R)
         if self.method.residual:
-            self.init_A, self.init_B = self.lora_A.detach().clone(), self.lora_B.detach().clone()
-            w = self.weight
-            self.kind.set_weight(self.base_layer, _residual(w, self.init_B, self.init_A, self.scaling))
+            self._rewrite_residual(self.lora_A, self.lora_B)
         self.refresh()
         if self.magnitude is not None:
             self.magnitude.copy_(self.row_norm())
             self.init_magnitude = self.magnitude.detach().clone()  # to measure how far m moves in training
 
+    def _rewrite_residual(self, a0: torch.Tensor, b0: torch.Tensor) -> None:
+        """W ← W − s·B0 A0 (in row blocks), and keep B0, A0 on the CPU for saving and export."""
+        self.kind.set_weight(self.base_layer, _residual(self.weight, b0.to(self.lora_B), a0.to(self.lora_A), self.scaling))
+        self.init_A, self.init_B = a0.detach().to("cpu", copy=True), b0.detach().to("cpu", copy=True)
+
     @torch.no_grad()
     def refresh(self) -> None:
         """Recompute the cached frozen quantities (after initialising or loading factors)."""
-        w, a = self.weight, self.lora_A.detach()
-        self._w_sq = _row_sq(w, a.dtype)
-        frozen_a = "A" not in self.method.trainable
-        self._C = weight_times_at(w, a) if frozen_a else None
-        self._G = a @ a.T if frozen_a else None
+        self._w_sq = norm.row_sq(self.kind.row_blocks(self.base_layer, self.lora_A.dtype))
+        self._C = self._G = None
+        self._c_and_g()  # caches C and G when A is frozen
 
     @torch.no_grad()
     def load_factors(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -241,76 +250,74 @@ class AdapterLayer(nn.Module):
         if "init_A" in tensors:
             if self.init_A is not None:
                 raise RuntimeError("AdapterLayer.load_factors: the base weight was already rewritten")
-            self.init_A = tensors["init_A"].to(self.lora_A).clone()
-            self.init_B = tensors["init_B"].to(self.lora_B).clone()
-            self.kind.set_weight(self.base_layer, _residual(self.weight, self.init_B, self.init_A, self.scaling))
+            self._rewrite_residual(tensors["init_A"], tensors["init_B"])
         self.refresh()
 
-    # --- forward ---
+    # --- the norm ---
 
     def direction(self) -> torch.Tensor:
         """P = B R (out, r), or B for methods without R."""
         return self.lora_B if self.lora_R is None else self.lora_B @ self.lora_R
 
-    def row_norm(self) -> torch.Tensor:
-        """n = ‖W + s·B R A‖_row in closed form, (out,), in the adapter's dtype."""
-        p, a, s = self.direction(), self.lora_A, self.scaling
-        c = self._C if self._C is not None else self._weight_times_at(a)
-        g = self._G if self._G is not None else a @ a.T
-        return _closed_form_norm(self._w_sq, c, p, p @ g, s)
-
     def _weight_times_at(self, a: torch.Tensor) -> torch.Tensor:
-        """C = W Aᵀ (out, r); a kind with `weight_times_at(module, a)` (e.g. a quantized one) computes it itself."""
-        times = getattr(self.kind, "weight_times_at", None)
-        return times(self.base_layer, a) if times is not None else weight_times_at(self.weight, a)
+        """C = W Aᵀ (out, r) in A's dtype from W's row blocks, differentiable in A; for a bf16/fp16 W on
+        CUDA outside autograd, one low-precision GEMM with float32 output (`norm.weight_times_at_cuda`)."""
+        w = self.base_layer.weight
+        fast = _CUDA_OUT_DTYPE[0] and w.is_cuda and w.dtype in (torch.bfloat16, torch.float16)
+        if fast and self.kind in (LinearKind, Conv1DKind) and not (a.requires_grad and torch.is_grad_enabled()):
+            try:
+                return norm.weight_times_at_cuda(self.weight, a)
+            except (RuntimeError, TypeError, NotImplementedError):  # a torch without float32-output GEMMs
+                _CUDA_OUT_DTYPE[0] = False
+        return norm.weight_times_at(lambda dtype: self.kind.row_blocks(self.base_layer, dtype), a)
 
-    def scale(self) -> torch.Tensor | None:
-        """g = m / n (out,), or None for methods without magnitude."""
-        if self.magnitude is None:
-            return None
-        if self.exact_norm:
-            return self.magnitude / self.row_norm()
-        with torch.no_grad():
-            n = self.row_norm()
-        return self.magnitude / n
+    def _c_and_g(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """C = W Aᵀ and G = A Aᵀ for A's current value: cached while A is frozen and unchanged.
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(..., in) -> (..., out)."""
-        if self._fused(x):  # one autograd node for the whole layer, exact gradients in closed form
-            return _LayerStep.apply(x, self.lora_A, self.lora_B, self.lora_R, self.magnitude, self.bias, self)
-        g = self.scale()  # (out,) or None
-        y = self.kind.forward(self.base_layer, x, bias=g is None)  # (..., out): x Wᵀ (+ bias)
-        dt = y.dtype
-        h = F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A)  # (..., r)
-        if self.lora_R is not None:
-            h = F.linear(h, self.lora_R)
-        h = (h * self.scaling).to(dt)
-        y = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, self.r), self.lora_B.T.to(dt)).view(y.shape)
-        if g is None:
-            return y
-        bias = self.bias
-        if bias is None:
-            return y * g.to(dt)
-        return torch.addcmul(bias.to(dt), y, g.to(dt))
-
-    def _fused(self, x: torch.Tensor) -> bool:
-        """Whether `_LayerStep` applies: a plain frozen weight in the adapter's dtype, no active dropout."""
-        w = self.weight
-        return (
-            self.kind in (LinearKind, Conv1DKind)
-            and w.dtype == x.dtype == self.lora_A.dtype
-            and not w.requires_grad
-            and not hasattr(w, "ds_id")  # ZeRO-3 partitions W between forward and backward: keep autograd's path
-            and (not self.training or isinstance(self.dropout, nn.Identity))
-        )
+        A trainable A (dude, dora, or a frozen factor unfrozen by the user) is never served from the
+        cache, so its gradient is right; a frozen A changed in place is recomputed and cached again.
+        """
+        a = self.lora_A
+        if a.requires_grad:
+            return self._weight_times_at(a), a @ a.T
+        if self._C is None or self._a_version != a._version:
+            with torch.no_grad():
+                self._C, self._G, self._a_version = self._weight_times_at(a), a @ a.T, a._version
+        return self._C, self._G
 
     def _norm_parts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """n (out,) and the pieces its gradient needs: C = W Aᵀ, P = B R, P G (each (out, r)); no autograd."""
-        a, b, rr, s = self.lora_A.detach(), self.lora_B.detach(), self.lora_R, self.scaling
-        p = b if rr is None else b @ rr.detach()
-        c = self._C if self._C is not None else (a @ self.weight.T).T
-        pg = p @ (self._G if self._G is not None else a @ a.T)
-        return _closed_form_norm(self._w_sq, c, p, pg, s), c, p, pg
+        """n (out,) and what its gradient needs: C = W Aᵀ, P = B R, P G (each (out, r)); differentiable
+        in the factors that require grad when called with autograd on (the layer's step calls it without)."""
+        c, g = self._c_and_g()
+        p = self.direction()
+        pg = p @ g
+        return norm.closed_form_norm(self._w_sq, c, p, pg, self.scaling), c, p, pg
+
+    def row_norm(self) -> torch.Tensor:
+        """n = ‖W + s·B R A‖_row (out,) in the adapter's dtype, in closed form; no (out, in) tensor."""
+        return self._norm_parts()[0]
+
+    @torch.no_grad()
+    def scale(self) -> torch.Tensor | None:
+        """g = m / n (out,), or None for methods without magnitude."""
+        return None if self.magnitude is None else self.magnitude / self.row_norm()
+
+    # --- forward ---
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., in) -> (..., out), in the base layer's output dtype (autocast's under autocast)."""
+        if self.base_layer.weight.requires_grad:
+            raise RuntimeError(
+                f"the base weight under this {self.method.name} adapter has requires_grad=True; an adapter layer keeps "
+                "it frozen (its row norms are cached). Train the adapter's factors, or list the module in modules_to_save"
+            )
+        y = self.kind.forward(self.base_layer, x, bias=self.magnitude is None)  # (..., out): x Wᵀ (+ bias)
+        xd = self.dropout(x)
+        dev = y.device.type
+        if dev != "meta" and torch.is_autocast_enabled(dev):  # the step casts explicitly: autocast must not recast its float32 parts
+            with torch.autocast(dev, enabled=False):
+                return _AdapterStep.apply(y, xd, self.lora_A, self.lora_B, self.lora_R, self.magnitude, self.bias, self)
+        return _AdapterStep.apply(y, xd, self.lora_A, self.lora_B, self.lora_R, self.magnitude, self.bias, self)
 
     # --- merge ---
 
@@ -330,94 +337,114 @@ class AdapterLayer(nn.Module):
         return f"method={self.method.name}, r={self.r}, scaling={self.scaling:g}, exact_norm={self.exact_norm}"
 
 
-class _LayerStep(torch.autograd.Function):
-    """Forward and backward of `AdapterLayer` in one node, for a plain float32/float64 base weight.
+_CUDA_OUT_DTYPE = [True]  # whether torch.mm(..., out_dtype=float32) is tried for low-precision CUDA weights
 
-    Saves what a LoRA saves (x and x Aᵀ, (N, r)) and, with a magnitude, the pre-scale output ypre (N, out)
-    and n (out,);
-    backward is   grad_g = Σ_tokens grad ⊙ ypre,   grad_ypre = grad ⊙ g,   then the low-rank chain rule,
-    and (norm="exact") the closed-form gradient of n through P = B R, C = W Aᵀ and G = A Aᵀ. It creates
-    no (out, in) tensor and one (N, out) temporary in backward.
+
+def _mm(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """a @ b returned in `dtype`: float32 output straight from a low-precision GEMM on CUDA, else rounded once."""
+    if a.dtype == dtype:
+        return a @ b
+    if a.is_cuda and _CUDA_OUT_DTYPE[0]:
+        try:
+            return torch.mm(a, b, out_dtype=dtype)
+        except (RuntimeError, TypeError, NotImplementedError):
+            _CUDA_OUT_DTYPE[0] = False
+    return (a @ b).to(dtype)
+
+
+class _AdapterStep(torch.autograd.Function):
+    """The adapter's part of `AdapterLayer`, forward and backward in one node, on the base matmul's output y.
+
+    Forward, with cd = y's dtype and every small product in the adapter's dtype (float32):
+
+        ypre = y + s·((d(x) Aᵀ) Rᵀ) Bᵀ              (N, out), in cd: one rounding
+        out  = g ⊙ ypre + bias,   g = m / n          in float32, rounded once to cd
+
+    (without a magnitude, y already carries the bias and out = ypre). It saves what a LoRA saves (d(x)
+    and h1 = d(x) Aᵀ) and, with a magnitude, ypre and n; it writes `out` into y's storage. Backward
+    (DESIGN.md §3):
+
+        dL/dg = Σ_tokens grad ⊙ ypre,   dL/dm = dL/dg / n,   dL/dypre = g ⊙ grad  (= dL/dy)
+        then the low-rank chain rule, and for norm="exact" the gradient of n through
+        n² = ‖W‖² + 2s⟨C, P⟩ + s²⟨P G, P⟩:  dL/dP = 2s·dL/dn² ⊙ (C + s·P G),  dL/dC = 2s·dL/dn² ⊙ P,
+        dL/dG = s²·Pᵀ (dL/dn² ⊙ P),  dL/dA = dL/dCᵀ W + (dL/dG + dL/dGᵀ) A.
+
+    The gradient to y is returned to the base layer's own backward (which computes dL/dx through W), so
+    the base runs exactly as it does alone: plain, quantized, under autocast or ZeRO-3. No (out, in) tensor.
     """
 
     @staticmethod
-    def forward(ctx, x, a, b, rr, m, bias, layer):
-        s, w = layer.scaling, layer.weight
-        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
-        y = x2 @ w.T  # (N, out)
-        h1 = x2 @ a.T  # (N, r)
-        h = h1 if rr is None else h1 @ rr.T  # (N, r)
-        y.addmm_(h, b.T, alpha=s)  # ypre = x Wᵀ + s·h Bᵀ
-        ctx.layer, ctx.shape = layer, x.shape
+    def forward(ctx, y, xd, a, b, rr, m, bias, layer):
+        s, cd, ad = layer.scaling, y.dtype, a.dtype
+        x2 = xd.reshape(-1, xd.shape[-1]).to(cd)  # (N, in); a copy only under autocast
+        h1 = x2 @ a.to(cd).T  # (N, r)
+        h = h1 if rr is None else (h1.to(ad) @ rr.T).to(cd)  # (N, r)
+        ctx.layer, ctx.xd_shape, ctx.xd_dtype = layer, xd.shape, xd.dtype
+        y2 = y.reshape(-1, y.shape[-1])  # (N, out)
+        if y._is_view():  # e.g. bitsandbytes' int8 output: a view that must not be written in place
+            out = torch.empty_like(y)
+        else:  # write the result into y's storage: no second (N, out) tensor
+            out = y
+            ctx.mark_dirty(y)
+        out2 = out.view(-1, out.shape[-1])
         if m is None:
-            if bias is not None:
-                y.add_(bias)
+            torch.addmm(y2, h, b.to(cd).T, alpha=s, out=out2)  # y + s·h Bᵀ
             ctx.save_for_backward(x2, a, b, rr, h1)
-            return y.view(*x.shape[:-1], y.shape[-1])
+            return out
+        ypre = torch.addmm(y2, h, b.to(cd).T, alpha=s)  # (N, out)
         n, c, _, _ = layer._norm_parts()
-        g = m / n  # (out,)
-        out = y * g if bias is None else torch.addcmul(bias, y, g)
-        # saved beyond what a LoRA saves: ypre (N, out); n (out,) unless it is cheap to recompute (C cached);
-        # C only when exact and not cached
-        keep_c = layer.exact_norm and layer._C is None and ctx.needs_input_grad[1]
-        ctx.save_for_backward(x2, a, b, rr, h1, y, None if layer._C is not None else n, m, c if keep_c else None)
-        return out.view(*x.shape[:-1], out.shape[-1])
+        g = m.detach() / n  # (out,)
+        if bias is None:
+            torch.mul(ypre, g, out=out2)
+        else:
+            torch.addcmul(bias.detach(), ypre, g, out=out2)
+        save_c = layer.exact_norm and layer.lora_A.requires_grad  # else C is cached, or not needed
+        ctx.save_for_backward(x2, a, b, rr, h1, ypre, n, m, bias, c if save_c else None)
+        return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         layer, s = ctx.layer, ctx.layer.scaling
-        need_x, need_a, need_b, need_r, need_m, need_bias, _ = ctx.needs_input_grad
-        x2, a, b, rr, h1, *rest = ctx.saved_tensors
-        h = h1 if rr is None else h1 @ rr.T  # (N, r), recomputed: cheaper than keeping it
+        _, need_xd, need_a, need_b, need_r, need_m, need_bias, _ = ctx.needs_input_grad
+        x2, a, b, rr, h1, *with_magnitude = ctx.saved_tensors
+        cd, ad = h1.dtype, a.dtype
         gy = grad.reshape(-1, grad.shape[-1])  # (N, out)
         grad_m = grad_bias = None
-        if need_bias:
-            grad_bias = gy.sum(0)
-        if rest:  # magnitude: y = g ⊙ ypre (+ bias), g = m / n
-            ypre, n, m, c = rest
-            n = layer._norm_parts()[0] if n is None else n  # O(out·r²) from the cached C and G
+        if with_magnitude:  # out = g ⊙ ypre + bias
+            ypre, n, m, bias, c = with_magnitude
             g = m / n
-            buf = gy * ypre
-            grad_g = buf.sum(0)  # (out,)
-            gpre = torch.mul(gy, g, out=buf)  # (N, out), reusing the temporary
+            grad_g = (gy * ypre).sum(0, dtype=ad)  # (out,)
+            grad_bias = gy.sum(0, dtype=bias.dtype) if need_bias else None
             grad_m = grad_g / n if need_m else None
+            grad_ypre = torch.mul(gy, g, out=torch.empty_like(gy))  # (N, out), g ⊙ grad rounded once
         else:
-            gpre = gy
-        grad_h = (gpre @ b).mul_(s)  # (N, r): d/dh of s·h Bᵀ
-        grad_b = (h.T @ gpre).T.mul_(s) if need_b else None  # (out, r)
-        grad_r = grad_h.T @ h1 if need_r else None
-        grad_h1 = grad_h if rr is None else grad_h @ rr
-        grad_a = grad_h1.T @ x2 if need_a else None  # (r, in)
-        grad_x = None
-        if need_x:
-            grad_x = (gpre @ layer.weight).addmm_(grad_h1, a).view(ctx.shape)
-        if rest and layer.exact_norm:  # n² = ‖W‖² + 2s⟨C, P⟩ + s²⟨P G, P⟩, n through B, R and A
+            grad_ypre = gy
+        h = h1 if rr is None else (h1.to(ad) @ rr.T).to(cd)  # (N, r), recomputed: cheaper than keeping it
+        grad_h = _mm(grad_ypre, b.to(cd), ad).mul_(s)  # (N, r): d/dh of s·h Bᵀ
+        grad_b = _mm(grad_ypre.T, h, ad).mul_(s) if need_b else None  # (out, r)
+        grad_r = grad_h.T @ h1.to(ad) if need_r else None  # (r, r)
+        grad_h1 = grad_h if rr is None else grad_h @ rr  # (N, r)
+        grad_a = _mm(grad_h1.to(cd).T, x2, ad) if need_a else None  # (r, in)
+        xdt = ctx.xd_dtype  # in d(x)'s own dtype: under autocast no low-precision (N, in) copy to upcast
+        grad_xd = (grad_h1.to(xdt) @ a.to(xdt)).view(ctx.xd_shape) if need_xd else None
+        if with_magnitude and layer.exact_norm:
+            # C = W Aᵀ was kept from forward when A trains; else it is cached (A frozen): no product with W here
+            c, gram = layer._c_and_g() if c is None else (c, a @ a.T)
             p = b if rr is None else b @ rr  # (out, r)
-            c = layer._C if c is None else c  # (out, r)
-            pg = p @ (layer._G if layer._G is not None else a @ a.T)
-            dn2 = (-grad_g * g / n) / (2 * n)  # (out,): d loss / d n²
-            dp = (c + s * pg).mul_(2 * s * dn2[:, None])  # (out, r)
+            pg = p @ gram
+            grad_n2 = -grad_g * g / (2 * n * n)  # (out,): dL/dn² = dL/dn / (2n), dL/dn = −dL/dg · g / n
+            grad_p = (c + s * pg).mul_((2 * s * grad_n2)[:, None])  # (out, r)
             if need_b:
-                grad_b = grad_b + (dp if rr is None else dp @ rr.T)
+                grad_b = grad_b + (grad_p if rr is None else grad_p @ rr.T)
             if need_r:
-                grad_r = grad_r + b.T @ dp
+                grad_r = grad_r + b.T @ grad_p
             if need_a:
-                dc = p * (2 * s * dn2[:, None])  # (out, r): d / d C, C = W Aᵀ
-                dg = p.T @ (p * (s * s * dn2[:, None]))  # (r, r): d / d G, G = A Aᵀ
-                grad_a = grad_a + dc.T @ layer.weight + (dg + dg.T) @ a
-        return grad_x, grad_a, grad_b, grad_r, grad_m, grad_bias, None
-
-
-def _closed_form_norm(w_sq: torch.Tensor, c: torch.Tensor, p: torch.Tensor, pg: torch.Tensor, s: float) -> torch.Tensor:
-    """n_i = sqrt(‖W_i‖² + 2s·⟨C_i, P_i⟩ + s²·⟨(P G)_i, P_i⟩), (out,), with C = W Aᵀ, P = B R, G = A Aᵀ."""
-    n2 = w_sq + 2 * s * (c * p).sum(1) + s * s * (pg * p).sum(1)
-    return n2.clamp_min(torch.finfo(n2.dtype).tiny).sqrt()
-
-
-def _row_sq(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """‖W_i‖² (out,) in `dtype`, a block of rows at a time."""
-    return torch.cat([torch.linalg.vector_norm(blk.to(dtype), dim=1).pow(2) for blk in _row_blocks(w, dtype)])
+                grad_c = p * (2 * s * grad_n2)[:, None]  # (out, r)
+                grad_gram = p.T @ (p * (s * s * grad_n2)[:, None])  # (r, r)
+                blocks = layer.kind.row_blocks(layer.base_layer, ad)
+                grad_a = grad_a + norm.weight_t_times(blocks, grad_c) + (grad_gram + grad_gram.T) @ a
+        return grad_ypre.view(grad.shape), grad_xd, grad_a, grad_b, grad_r, grad_m, grad_bias, None
 
 
 def _residual(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, s: float) -> torch.Tensor:
@@ -426,8 +453,8 @@ def _residual(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, s: float) -> to
     A block of rows at a time: no whole-W upcast copy, and each block is still in cache when it is
     rounded back (2.3x faster than one big addmm on a 14336 x 4096 bf16 weight)."""
     out, start = torch.empty_like(w), 0
-    for blk in _row_blocks(w, a.dtype):
+    for blk in norm.row_blocks(w, a.dtype):
         rows = slice(start, start + blk.shape[0])
-        out[rows] = torch.addmm(blk.to(a.dtype), b[rows], a, alpha=-s)
+        out[rows] = torch.addmm(blk, b[rows], a, alpha=-s)
         start = rows.stop
     return out

@@ -21,6 +21,9 @@ import torch
 from svdadapt.svd import truncated_svd
 
 FACTORS = ("A", "B", "R", "magnitude")
+# AdapterConfig fields that only some methods read (the SVD settings are not among them: they say how
+# an SVD is computed, for whichever method takes one, so one recipe serves every method)
+METHOD_OPTIONS = ("sigma", "singular_values_on", "frozen_factors", "norm")
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,7 @@ class Method:
     residual: bool
     has_R: bool
     default_alpha: Callable[[int], float]
+    options: frozenset[str] | None = None  # the method-specific AdapterConfig fields it reads; None: any
 
     def trainable_count(self, out_features: int, in_features: int, r: int) -> int:
         """Trainable parameters this method adds to one (out, in) layer, in closed form."""
@@ -91,6 +95,8 @@ def register_method(
     residual: bool = False,
     has_R: bool = False,
     default_alpha: float | Callable[[int], float] = 16.0,
+    options: tuple[str, ...] | None = None,
+    replace: bool = False,
 ):
     """Register an initialiser under `name` (decorator).
 
@@ -105,6 +111,9 @@ def register_method(
         residual: whether the frozen base weight becomes W0 − s·B A at initialisation (PiSSA-style).
         has_R: whether the initialiser returns an (r, r) R between A and B.
         default_alpha: alpha when the config gives none: a number, or a function of r.
+        options: which method-specific `AdapterConfig` fields (`METHOD_OPTIONS`) the method reads;
+            a config that sets another one away from its default is refused. None accepts them all.
+        replace: replace a method already registered under `name` (a built-in included).
     """
     bad = set(trainable) - set(FACTORS)
     if bad or not trainable:
@@ -117,10 +126,15 @@ def register_method(
         raise ValueError(f"register_method({name!r}): residual=True needs a method without R")
     if not isinstance(name, str) or not name:
         raise ValueError("register_method: name must be a non-empty string")
+    if name in _REGISTRY and not replace:
+        raise ValueError(f"register_method({name!r}): a method of that name is registered already; pass replace=True to replace it")
+    if options is not None and (bad := set(options) - set(METHOD_OPTIONS)):
+        raise ValueError(f"register_method({name!r}): options {sorted(bad)} are not method options; choose from {list(METHOD_OPTIONS)}")
     alpha = default_alpha if callable(default_alpha) else (lambda r, a=float(default_alpha): a)
 
     def decorator(fn):
-        _REGISTRY[name] = Method(name, fn, frozenset(trainable), magnitude, residual, has_R, alpha)
+        opts = None if options is None else frozenset(options)
+        _REGISTRY[name] = Method(name, fn, frozenset(trainable), magnitude, residual, has_R, alpha, opts)
         return fn
 
     return decorator
@@ -165,9 +179,12 @@ def _frozen_basis(weight: torch.Tensor, ctx: InitContext) -> Factors:
     return Factors(A=a, B=b, R=ctx.normal(r, r, cfg.sigma, dtype=a.dtype))
 
 
-register_method("lora", trainable=("A", "B"))(_kaiming_lowrank)
-register_method("dora", trainable=("A", "B", "magnitude"), magnitude=True)(_kaiming_lowrank)
-register_method("pissa", trainable=("A", "B"), residual=True, default_alpha=float)(_principal)
-register_method("dude", trainable=("A", "B", "magnitude"), magnitude=True, residual=True, default_alpha=float)(_principal)
-register_method("loraxs", trainable=("R",), has_R=True)(_frozen_basis)
-register_method("edora", trainable=("R", "magnitude"), magnitude=True, has_R=True)(_frozen_basis)
+_BASIS = ("sigma", "singular_values_on", "frozen_factors")
+register_method("lora", trainable=("A", "B"), options=())(_kaiming_lowrank)
+register_method("dora", trainable=("A", "B", "magnitude"), magnitude=True, options=("norm",))(_kaiming_lowrank)
+register_method("pissa", trainable=("A", "B"), residual=True, default_alpha=float, options=())(_principal)
+register_method(
+    "dude", trainable=("A", "B", "magnitude"), magnitude=True, residual=True, default_alpha=float, options=("norm",)
+)(_principal)
+register_method("loraxs", trainable=("R",), has_R=True, options=_BASIS)(_frozen_basis)
+register_method("edora", trainable=("R", "magnitude"), magnitude=True, has_R=True, options=(*_BASIS, "norm"))(_frozen_basis)

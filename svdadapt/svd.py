@@ -4,7 +4,7 @@
 float32 or float64 whatever the weight's dtype. Signs are canonical: the largest-magnitude entry of
 every left singular vector is positive, so one weight gives bit-identical factors on every run.
 
-The cache keys a decomposition by the weight's content hash, shape, dtype, solver and its settings;
+The cache keys a decomposition by the weight's fingerprint (content, shape, dtype), solver and its settings;
 with the full solver a request for rank r is served by any cached decomposition of rank >= r (its
 first r triplets, bit-identical to a fresh rank-r one); a randomized one only at its own rank.
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,12 +68,63 @@ def default_cache_dir() -> Path:
     return Path(base) / "svdadapt" / "svd"
 
 
-def fingerprint(weight: torch.Tensor) -> str:
-    """sha256 of a tensor's bytes, shape and dtype: identifies a base weight."""
+FINGERPRINT_VERSION = "v2"
+_PIECE_BYTES = 1 << 26  # at most this much of a weight is copied at a time (a non-contiguous or non-CPU one)
+
+
+def fingerprint(weight: torch.Tensor, piece_bytes: int = _PIECE_BYTES) -> str:
+    """Identifies a base weight: "v2-" + the 128-bit xxh3 of its shape, dtype and raw bytes (row-major).
+
+    Every bit counts (no float rounding), so a one-ulp change, two swapped rows or a transpose all
+    give another fingerprint. A contiguous CPU weight is hashed in place (5-10 GB/s on one core); any
+    other is read a block of rows at a time, so a GPU weight is never copied to the CPU whole and the
+    value does not depend on the device or the layout.
+    """
+    import xxhash
+
+    h = xxhash.xxh3_128(f"{tuple(weight.shape)}|{weight.dtype}|".encode())
+    for piece in _row_pieces(weight.detach(), piece_bytes):
+        h.update(piece.view(torch.uint8).numpy())  # a view of the CPU tensor's memory, not a copy
+    return f"{FINGERPRINT_VERSION}-{h.hexdigest()}"
+
+
+def _row_pieces(t: torch.Tensor, piece_bytes: int):
+    """t's elements in row-major order as contiguous CPU tensors of about `piece_bytes` (whole rows)."""
+    if t.device.type == "cpu" and t.is_contiguous():
+        yield t.reshape(-1)
+        return
+    if t.numel() == 0:
+        return
+    rows = t.reshape(1, -1) if t.dim() < 2 else t.flatten(1) if t.dim() > 2 else t  # (rows, row length)
+    step = max(1, piece_bytes // max(rows[0].numel() * t.element_size(), 1))
+    for i in range(0, rows.shape[0], step):
+        yield rows[i : i + step].contiguous().cpu().reshape(-1)  # a block copy on the weight's own device first
+
+
+def legacy_fingerprint(weight: torch.Tensor) -> str:
+    """The version-1 fingerprint (sha256 of shape, dtype and bytes, no prefix): checks old adapter files only."""
     t = weight.detach().contiguous().cpu()
     h = hashlib.sha256(f"{tuple(t.shape)}|{t.dtype}|".encode())
     h.update(t.view(-1).view(torch.uint8).numpy().data)
     return h.hexdigest()
+
+
+def fingerprint_matches(weight: torch.Tensor, saved: str, current: str | None = None) -> bool:
+    """Whether `weight` is the one a saved fingerprint (either version) identifies.
+
+    Args:
+        weight: the base weight to check.
+        saved: the fingerprint from a file: "v2-..." or a version-1 sha256 (64 hex digits).
+        current: `fingerprint(weight)` if already known (saves hashing twice).
+    """
+    if saved.startswith(f"{FINGERPRINT_VERSION}-"):
+        return saved == (current or fingerprint(weight))
+    if re.fullmatch(r"[0-9a-f]{64}", saved):
+        return saved == legacy_fingerprint(weight)
+    raise ValueError(
+        f"fingerprint {saved[:24]!r}... is of an unknown version (this svdadapt writes {FINGERPRINT_VERSION!r}); "
+        "upgrade svdadapt to check it, or load with check_fingerprint=False"
+    )
 
 
 def canonical_signs(u: torch.Tensor, vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,9 +166,13 @@ def _randomized(w: torch.Tensor, k: int, s: SVDSettings, dtype: torch.dtype):
 def _one_thread():
     """Run small LAPACK factorisations on one thread: a (N, p) QR is microseconds of work, but on
     busy cores every one of its many thread barriers waits for a descheduled peer (measured here: a
-    14336 x 32 QR took 1.2 s on two threads under load, 15 ms on one)."""
+    14336 x 32 QR took 1.2 s on two threads under load, 15 ms on one).
+
+    The thread count is restored on exit. torch's OpenMP thread count is per calling thread, so other
+    Python threads never see the change (tests/test_svd.py checks it); on a torch built without OpenMP
+    the count is process-wide, and this is then a no-op."""
     threads = torch.get_num_threads()
-    if threads == 1:
+    if threads == 1 or "OpenMP" not in torch.__config__.parallel_info():
         yield
         return
     torch.set_num_threads(1)
@@ -166,7 +222,7 @@ def truncated_svd(
     cache = None if settings.cache_dir == "" else Path(settings.cache_dir or default_cache_dir())
     if cache is not None:
         key = weight_hash or fingerprint(weight)
-        folder = cache / key[:2] / f"{key}-{settings.key()}"
+        folder = cache / key.rsplit("-", 1)[-1][:2] / f"{key}-{settings.key()}"
         hit = _lookup(folder, r, exact=settings.solver != "full")
         if hit is not None:
             return tuple(t.to(weight.device) for t in hit)

@@ -81,7 +81,24 @@ def read_sweep(path: str | Path) -> tuple[dict, list[Run]]:
             assigned = {k.strip(): v for keys, v in zip(both, point) for k in keys.split(",")}
             tag = "-".join(str(v) for v in point)
             runs.append(Run(f"{variant}-{tag}" if tag else variant, variant, tuple({**sets, **assigned}.items())))
+    _check_overrides(p, spec["recipe"], runs)
     return spec, runs
+
+
+def _sets(run: Run) -> list[str]:
+    """The run's overrides as `svdadapt train --set` values."""
+    return [f"{k}={json.dumps(v)}" for k, v in run.overrides]
+
+
+def _check_overrides(path: Path, recipe: str, runs: list[Run]) -> None:
+    """Every run's recipe must load: a misspelt key or a bad value fails here, naming the variant."""
+    from svdadapt.recipe import load_recipe
+
+    for run in runs:
+        try:
+            load_recipe(recipe, _sets(run))
+        except ValueError as e:
+            raise ValueError(f"{path}: variant {run.variant!r} (run {run.name!r}): {e}") from None
 
 
 def _state(run_dir: Path) -> str:
@@ -173,7 +190,7 @@ def cli(argv: list[str]) -> int:
             print(f"svdadapt sweep: {args.max_minutes:g} minutes used; run the same command again to continue")
             _report(work)
             return 0
-        sets = [x for k, v in run.overrides for x in ("--set", f"{k}={json.dumps(v)}")]
+        sets = [x for kv in _sets(run) for x in ("--set", kv)]
         mode = ["--resume"] if state == "resume" else ["--overwrite"]
         cmd = [sys.executable, "-m", "svdadapt", "train", spec["recipe"], *sets, "--output-dir", str(run_dir), *mode]
         print(f"[{i}/{len(runs)}] {run.name}: {state} -> {' '.join(cmd[2:])}", flush=True)

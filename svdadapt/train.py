@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 from svdadapt.methods import get_method
-from svdadapt.model import _modules_to_save, adapter_config, adapter_layers, apply, trainable_parameters
-from svdadapt.paths import resolve_path
+from svdadapt.model import adapter_config, adapter_layers, apply, find_modules_to_save, trainable_parameters
+from svdadapt.paths import locate, resolve_path
 from svdadapt.recipe import Recipe, dump_recipe, load_recipe
 
 COMPLETE = "svdadapt_checkpoint.json"  # written into a checkpoint once every file of it is saved
@@ -97,6 +97,30 @@ def _model_path(recipe: Recipe) -> str:
     return path
 
 
+def check_sources(recipe: Recipe) -> None:
+    """Fail in seconds, before anything loads, if the model, tokenizer or data can be neither found
+    locally nor fetched from the hub (offline, not cached); the error names the `--set` key to change."""
+    from svdadapt.data import METAMATHQA
+    from svdadapt.data.glue import HUB_ID, SAMPLE
+
+    m, d = recipe.model, recipe.data
+    locate(m.name_or_path, "--set model.name_or_path")
+    if m.tokenizer:
+        locate(m.tokenizer, "--set model.tokenizer")
+    if d.kind == "math":
+        locate(d.source or METAMATHQA, "--set data.source", "dataset")
+        if d.eval_source:
+            locate(d.eval_source, "--set data.eval_source", "dataset")
+    elif d.source is None:
+        locate(HUB_ID, "--set data.source", "dataset")
+    elif not Path(resolve_path(d.source)).is_dir():
+        raise ValueError(
+            f"--set data.source={d.source!r}: GLUE directory {resolve_path(d.source)!r} does not exist (relative paths start at "
+            f"the working directory); pass a directory in the original GLUE layout, {SAMPLE} (the SST-2 sample), "
+            "or null for the hub's nyu-mll/glue"
+        )
+
+
 def load_tokenizer(recipe: Recipe):
     """The recipe's tokenizer, with a pad token (EOS or UNK if it has none)."""
     from transformers import AutoTokenizer
@@ -158,7 +182,7 @@ def param_groups(model: torch.nn.Module, training) -> list[dict]:
     layers = [layer for _, layer in adapter_layers(model)]
     magnitudes = {id(layer.magnitude) for layer in layers if layer.magnitude is not None}
     factors = {id(p) for layer in layers for p in layer.factors().values()}
-    saved = {id(p) for _, mod in _modules_to_save(model, adapter_config(model).modules_to_save) for p in mod.parameters()}
+    saved = {id(p) for _, mod in find_modules_to_save(model, adapter_config(model).modules_to_save) for p in mod.parameters()}
     lrs = {
         "adapter": training.learning_rate,
         "magnitude": training.magnitude_learning_rate or training.learning_rate,
@@ -192,9 +216,21 @@ def param_groups(model: torch.nn.Module, training) -> list[dict]:
     ]
 
 
+def _load_trained(src: dict, dst: torch.nn.Module) -> None:
+    """Load a checkpoint's module state that holds the trained tensors only (DeepSpeed's custom_load_fn)."""
+    result = dst.load_state_dict(src, strict=False)
+    trained = {n for n, p in dst.named_parameters() if p.requires_grad}
+    missing = sorted(trained & set(result.missing_keys))
+    if missing or result.unexpected_keys:
+        raise ValueError(
+            f"the checkpoint does not match the model: trained tensors missing {missing[:5]}, "
+            f"unexpected {sorted(result.unexpected_keys)[:5]}; resume with the recipe that wrote it"
+        )
+
+
 def _trainer_class():
     import safetensors.torch
-    from transformers import Trainer, TrainerCallback
+    from transformers import Trainer
 
     class AdapterTrainer(Trainer):
         """The HF Trainer with structural param groups and checkpoints holding only what trains."""
@@ -205,16 +241,11 @@ def _trainer_class():
             self.clipping = {"steps": 0, "clipped": 0}  # optimiser steps whose gradient norm was clipped
 
         def _clip_grad_norm(self, model):
-            norm = super()._clip_grad_norm(model)  # the norm before clipping
-            self.clipping["steps"] += 1
-            self.clipping["clipped"] += int(float(norm) > self.args.max_grad_norm)
+            norm = super()._clip_grad_norm(model)  # the norm before clipping (None when DeepSpeed clips and keeps it)
+            if norm is not None:
+                self.clipping["steps"] += 1
+                self.clipping["clipped"] += int(float(norm) > self.args.max_grad_norm)
             return norm
-
-        def _save_checkpoint(self, model, trial):
-            super()._save_checkpoint(model, trial)  # the marker (MarkComplete) is written after this
-            ckpt = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
-            if self.args.should_save and ckpt.is_dir():
-                (ckpt / CLIPPING).write_text(json.dumps(self.clipping) + "\n")
 
         def _get_eval_sampler(self, eval_dataset):
             # Evaluation keeps the dataset's order (per-example predictions line up across runs).
@@ -230,8 +261,7 @@ def _trainer_class():
             return self.optimizer
 
         def _save(self, output_dir=None, state_dict=None):
-            # The trained tensors only: the frozen base is rebuilt from the recipe (and under DeepSpeed the
-            # engine's own checkpoint files are what --resume reads).
+            # The trained tensors only: the frozen base is rebuilt from the recipe.
             output_dir = output_dir or self.args.output_dir
             if self.args.should_save:
                 os.makedirs(output_dir, exist_ok=True)
@@ -241,15 +271,80 @@ def _trainer_class():
                 safetensors.torch.save_file(tensors, os.path.join(output_dir, "model.safetensors"), metadata={"format": "pt"})
                 torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
-    class MarkComplete(TrainerCallback):
-        """Mark a checkpoint complete once the Trainer has written all of it."""
+        def save_model(self, output_dir=None, _internal_call=False):
+            if not self.is_deepspeed_enabled:
+                return super().save_model(output_dir, _internal_call)
+            if _internal_call:  # a checkpoint: the engine's files, written next, hold the trained tensors
+                return None
+            zero3 = self.model_wrapped.zero_optimization_partition_weights()
+            # under ZeRO-3 gather the trained tensors only, never the partitioned frozen base
+            state = self.model_wrapped._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=True) if zero3 else None
+            return self._save(output_dir, state_dict=state)
 
-        def on_save(self, args, state, control, **kwargs):
-            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if state.is_world_process_zero and ckpt.is_dir():
-                (ckpt / COMPLETE).write_text(json.dumps({"step": state.global_step}) + "\n")
+        def _save_optimizer_and_scheduler(self, output_dir):
+            if not self.is_deepspeed_enabled:
+                return super()._save_optimizer_and_scheduler(output_dir)
+            # the engine's checkpoint without the frozen weights (the Trainer excludes them for peft models only)
+            from accelerate.utils import DeepSpeedSchedulerWrapper
 
-    return AdapterTrainer, MarkComplete
+            self.model_wrapped.save_checkpoint(output_dir, exclude_frozen_parameters=True)
+            if self.args.should_save and not isinstance(self.lr_scheduler, DeepSpeedSchedulerWrapper):
+                torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, "scheduler.pt"))
+            return None
+
+        def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
+            if not (self.is_deepspeed_enabled and resume_from_checkpoint):
+                return super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
+            # The Trainer loads a DeepSpeed checkpoint strictly unless the model is a peft one; ours holds the
+            # trained tensors only, so load it here, checking that exactly the frozen ones are missing.
+            model, loader = super()._prepare_for_training(max_steps, train_dataloader, None)
+            path, _ = self.model_wrapped.load_checkpoint(
+                resume_from_checkpoint, load_optimizer_states=True, load_lr_scheduler_states=True, custom_load_fn=_load_trained
+            )
+            if path is None:
+                raise ValueError(f"checkpoint {resume_from_checkpoint!r} holds no DeepSpeed engine state to resume from")
+            self._load_optimizer_and_scheduler(resume_from_checkpoint)
+            self._load_scaler(resume_from_checkpoint)
+            return model, loader
+
+        def _save_checkpoint(self, model, trial):
+            # Complete-only checkpoints: a directory left by a save that was cut short is replaced, the marker is
+            # written once every rank's files are on disk, and older checkpoints are deleted only after that.
+            run_dir = Path(self._get_output_dir(trial=trial))
+            ckpt = run_dir / f"checkpoint-{self.state.global_step}"
+            if self.args.should_save and ckpt.is_dir() and not (ckpt / COMPLETE).is_file():
+                shutil.rmtree(ckpt)
+            self.accelerator.wait_for_everyone()
+            limit, self.args.save_total_limit = self.args.save_total_limit, None
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self.args.save_total_limit = limit
+            self.accelerator.wait_for_everyone()
+            if self.args.should_save:
+                (ckpt / CLIPPING).write_text(json.dumps(self.clipping) + "\n")  # before the marker: part of the checkpoint
+                tmp = ckpt / (COMPLETE + ".tmp")
+                tmp.write_text(json.dumps({"step": self.state.global_step}) + "\n")
+                tmp.replace(ckpt / COMPLETE)
+                for old in complete_checkpoints(run_dir)[: -limit if limit else 0]:
+                    shutil.rmtree(old, ignore_errors=True)
+
+    return AdapterTrainer
+
+
+def _restart_clock_after_first_evaluation(trainer) -> None:
+    """Restart the training progress bar's clock after the evaluation before training, so its first
+    ETA is the training's own and not inflated by that evaluation."""
+    from transformers.trainer_callback import ProgressCallback
+
+    class Progress(ProgressCallback):
+        def on_evaluate(self, args, state, control, **kwargs):
+            super().on_evaluate(args, state, control, **kwargs)
+            if state.global_step == 0 and self.training_bar is not None:
+                self.training_bar.reset(total=state.max_steps)
+
+    if trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(Progress())
 
 
 # --- the run ----------------------------------------------------------------------------------
@@ -418,6 +513,7 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, callba
     from svdadapt.data import build_data
 
     checkpoint = check_output_dir(recipe, resume, overwrite)
+    check_sources(recipe)
     out = Path(recipe.output_dir)
     start = time.time()
     tokenizer = load_tokenizer(recipe)
@@ -436,12 +532,6 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, callba
         prepare_quantized(model, recipe.adapter, recipe.model.quantization)
     else:
         apply(model, recipe.adapter, progress=args.process_index == 0)
-    if any(hasattr(p, "ds_id") for p in model.parameters()):
-        from deepspeed import zero
-
-        for _, layer in adapter_layers(model):  # the layer reads its base layer's weight without calling it
-            for p in layer.base_layer.parameters():
-                zero.register_external_parameter(layer, p)
     if args.process_index == 0:
         print(trainable_parameters(model), flush=True)
     with args.main_process_first(local=False):
@@ -450,7 +540,7 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, callba
                 shutil.rmtree(out)
             out.mkdir(parents=True, exist_ok=True)
             (out / "recipe.yaml").write_text(dump_recipe(recipe))
-    trainer_cls, mark = _trainer_class()
+    trainer_cls = _trainer_class()
     trainer = trainer_cls(
         recipe=recipe,
         model=model,
@@ -459,10 +549,11 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, callba
         eval_dataset=data.eval,
         data_collator=data.collator,
         compute_metrics=data.compute_metrics,
-        callbacks=[mark(), *callbacks],
+        callbacks=list(callbacks),
     )
     if checkpoint is not None and (checkpoint / CLIPPING).is_file():
         trainer.clipping = json.loads((checkpoint / CLIPPING).read_text())
+    _restart_clock_after_first_evaluation(trainer)
     trained, cpu = time.time(), time.process_time()
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     train_time, cpu_time = time.time() - trained, time.process_time() - cpu
@@ -527,4 +618,4 @@ def cli(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["RunResult", "check_output_dir", "cli", "complete_checkpoints", "param_groups", "resolve_path", "run"]
+__all__ = ["RunResult", "check_output_dir", "check_sources", "cli", "complete_checkpoints", "param_groups", "resolve_path", "run"]

@@ -25,3 +25,13 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data not found at {SHARED_DATA} (the repo's sibling shared/data)")
     return SHARED_DATA
+
+
+@pytest.fixture
+def offline_empty_cache(tmp_path, monkeypatch):
+    """The hub offline and its local caches empty: a hub id can be neither fetched nor found."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_DATASETS_CACHE", raising=False)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    return tmp_path / "hf"

@@ -24,6 +24,7 @@ CONFIGS = {"base", "lora", "dora", "pissa", "dude", "loraxs", "edora", "peft_lor
 @pytest.fixture
 def tiny_plans(monkeypatch):
     monkeypatch.setattr(layer_suite, "QUICK", ((((48, 64),), (8,), (4,), 2),))
+    monkeypatch.setattr(layer_suite, "QUICK_EMULATED", ((((40, 56),), (8,), (4,), 2),))
     tiny = {
         "hidden": 64,
         "intermediate": 96,
@@ -36,8 +37,10 @@ def tiny_plans(monkeypatch):
         "reps": 2,
     }
     monkeypatch.setattr(model_suite, "QUICK", tiny)
+    monkeypatch.setattr(model_suite, "QUICK_EMULATED", {**tiny, "seq": 6})
     monkeypatch.setattr(init_suite, "QUICK", {"layers": 32, "timed_layers": 1, "scale": 64, "full_scale": 64, "r": 4})
     monkeypatch.setattr(init_suite, "ACCURACY_SHAPES_QUICK", ((96, 160),))
+    monkeypatch.setattr(init_suite, "FINGERPRINT_SHAPES", ((64, 32),))
     real = init_suite.minilm_weights
     monkeypatch.setattr(init_suite, "minilm_weights", lambda: real()[:2])
 
@@ -45,7 +48,7 @@ def tiny_plans(monkeypatch):
 def test_quick_run_writes_json_with_every_suite(tiny_plans, tmp_path, capsys, monkeypatch):
     out, md = tmp_path / "bench.json", tmp_path / "bench.md"
     assert (
-        bench.cli(["--quick", "--suite", "all", "--bf16", "off", "--clock", "cpu", "--output", str(out), "--markdown", str(md)])
+        bench.cli(["--quick", "--suite", "all", "--dtype", "fp32", "--device", "cpu", "--clock", "cpu", "--output", str(out), "--markdown", str(md)])
         == 0
     )
     result = json.loads(out.read_text())
@@ -72,16 +75,79 @@ def test_quick_run_writes_json_with_every_suite(tiny_plans, tmp_path, capsys, mo
     errors = init["accuracy"]["rows"]
     assert any(r["matrix"].startswith("power law") for r in errors)
     assert all(0 <= r["rel_error"] < 2 for r in errors)
+    (speed,) = init["fingerprint"]
+    assert speed["shape"] == "64x32" and speed["mb"] == 64 * 32 * 2 / 1e6
+    assert all(speed[k] > 0 for k in ("new_gb_s", "old_gb_s", "new_cpu_gb_s", "old_cpu_gb_s"))
 
     bank = result["bank"]["result"]
     assert bank["distinct_adapters_in_batch"] == bank["batch"] and bank["throughput_ratio"] > 0
     assert bank["bytes_per_adapter"] == bank["expected_bytes_per_adapter"] < bank["lora_bytes_per_adapter"]
     assert all({"target", "value", "met"} <= set(t) for t in result["targets"])
+    # quick mode times small shapes: speed targets are labelled, memory and accuracy ones judged
+    met = {t["target"]: t["met"] for t in result["targets"]}
+    speed = [k for k in met if k.startswith(("layer ", "peft DoRA", "randomized init", "fingerprint"))]
+    judged = [k for k in met if k.startswith(("model ", "randomized rel. error"))]
+    assert speed and judged and len(speed) + len(judged) == len(met)
+    assert all(met[k] == bench.QUICK_NOT_JUDGED for k in speed) and all(isinstance(met[k], bool) for k in judged)
     printed = capsys.readouterr().out
-    assert "| out x in |" in printed and md.read_text() == printed.rstrip("\n") + "\n"
+    assert "| out x in |" in printed and "| xxh3-128 (v2) |" in printed and md.read_text() == printed.rstrip("\n") + "\n"
 
 
-@pytest.mark.parametrize("argv", [["--suite", "layers"], ["--suite", ""], ["--threads", "0"]])
+def test_low_precision_run_has_rows_per_dtype_floors_and_the_emulation_note(tiny_plans, tmp_path, capsys):
+    """bf16 weights and a float32 model under bf16 autocast next to float32 in one run; on a CPU
+    without bf16 units the output says the matmuls are emulated and the emulated plan's (smaller)
+    shape is used."""
+    out = tmp_path / "bench.json"
+    dtypes = "fp32,bf16,autocast-bf16"
+    argv = ["--quick", "--suite", "layer,model", "--dtype", dtypes, "--device", "cpu", "--clock", "cpu", "--output", str(out)]
+    assert bench.cli(argv) == 0
+    result = json.loads(out.read_text())
+    assert result["device"] == "cpu" and result["dtypes"] == dtypes.split(",")
+    emulated = not common.native_cpu_dtype(torch.bfloat16)
+    low = "40x56" if emulated else "48x64"
+    layer = result["layer"]
+    for label, shape in (("float32", "48x64"), ("bfloat16", low), ("autocast-bfloat16", low)):
+        rows = [r for r in layer if r["dtype"] == label]
+        assert {r["config"] for r in rows} == CONFIGS and {r["shape"] for r in rows} == {shape}
+        assert all("error" not in r and r["ms"] > 0 for r in rows)
+        for r in rows:  # every svdadapt row keeps its arithmetic floor, whatever the dtype
+            assert (r["flop_floor"] is not None) == (r["config"] in layer_suite.METHODS)
+    model = result["model"]
+    labels = ("float32", "bfloat16", "autocast-bfloat16")
+    assert {(r["dtype"], r["config"]) for r in model} == {(d, c) for d in labels for c in CONFIGS - {"base"}}
+    assert all("error" not in r for r in model)
+    printed = capsys.readouterr().out
+    assert ("note: bf16: this CPU has no native bfloat16 arithmetic" in printed) == emulated
+    assert ("note: autocast-bf16: this CPU has no native bfloat16 arithmetic" in printed) == emulated
+    assert result["emulated"] == (list(labels[1:]) if emulated else [])
+    assert any(t["target"].startswith("layer bfloat16") for t in result["targets"])
+
+
+def test_autocast_runs_the_float32_layer_in_the_autocast_dtype():
+    precision = common.PRECISIONS["autocast-bf16"]
+    modules, x, grad_y = layer_suite.build(24, 32, 8, 4, precision)
+    assert x.dtype == torch.float32 and grad_y.dtype == torch.bfloat16
+    with precision.context("cpu"):
+        assert modules["base"](x).dtype == torch.bfloat16 and modules["peft_lora"](x).dtype == torch.bfloat16
+    assert not torch.is_autocast_enabled("cpu")
+
+
+def test_a_configuration_that_raises_is_reported_and_the_rest_still_run():
+    def broken():
+        raise RuntimeError("self and mat2 must have the same dtype")
+
+    ran, failed = common.probe({"ref": lambda: None, "ok": lambda: None, "bad": broken}, "ref")
+    assert set(ran) == {"ref", "ok"} and failed == {"bad": "RuntimeError: self and mat2 must have the same dtype"}
+    with pytest.raises(RuntimeError):
+        common.probe({"ref": broken}, "ref")
+    rows = [{"shape": "8x8", "config": "base", "ms": 1.0}, {"shape": "8x8", "config": "lora", "error": "RuntimeError: bad\ntrace"}]
+    text = bench.render({"layer": rows})
+    assert "| error |" in text and "| lora |" in text and text.rstrip().endswith("| RuntimeError: bad |")
+    assert rows[1]["error"] == "RuntimeError: bad\ntrace"  # the result itself keeps the whole message
+
+
+@pytest.mark.parametrize("argv", [["--suite", "layers"], ["--suite", ""], ["--threads", "0"], ["--dtype", "fp8"], ["--dtype", ""],
+                                  ["--device", "nosuchdevice"]])  # fmt: skip
 def test_bad_arguments_exit_2_and_say_why(argv, capsys):
     assert bench.cli(argv) == 2
     assert "svdadapt bench:" in capsys.readouterr().err
@@ -110,7 +176,7 @@ def test_flop_floor_of_lora_is_what_peft_lora_executes():
     from torch.utils.flop_counter import FlopCounterMode
 
     out_f, in_f, tokens, r = 40, 72, 24, 4
-    modules, x, grad_y = layer_suite.build(out_f, in_f, tokens, r, torch.float32)
+    modules, x, grad_y = layer_suite.build(out_f, in_f, tokens, r)
     flops = {}
     for name in ("base", "peft_lora"):
         with FlopCounterMode(display=False) as counter:

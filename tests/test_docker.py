@@ -87,3 +87,102 @@ def test_every_copied_path_exists(instructions):
 def test_hadolint_passes():
     res = subprocess.run(["hadolint", "--no-color", str(DOCKERFILE)], capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+# --- the pins, resolved and run (slow: they reach PyPI) ------------------------------------------
+
+CONSTRAINTS = REPO / "docker" / "constraints.txt"
+
+
+def _pins() -> dict[str, str]:
+    lines = [line.split("#")[0].strip() for line in CONSTRAINTS.read_text().splitlines()]
+    return dict(line.split("==") for line in lines if line)
+
+
+def _normal(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _pypi_reachable() -> bool:
+    import socket
+
+    try:
+        socket.create_connection(("pypi.org", 443), timeout=5).close()
+        return True
+    except OSError:
+        return False
+
+
+def _plain_pip_env() -> dict:
+    """pip as the image's build sees it: PyPI only, none of this machine's local wheels or caps."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k not in ("PIP_FIND_LINKS", "PIP_CONSTRAINT", "PIP_EXTRA_INDEX_URL")}
+    return env | {"PIP_CONFIG_FILE": os.devnull}
+
+
+def test_every_pin_is_exact_and_parsed():
+    pins = _pins()
+    assert {"torch", "transformers", "peft", "deepspeed", "accelerate"} <= set(pins)
+    assert all(re.fullmatch(r"\d+(\.\d+)+", v) for v in pins.values()), pins
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _pypi_reachable(), reason="needs PyPI (pypi.org:443) to resolve the pins")
+def test_constraints_resolve_with_the_project(tmp_path):
+    """A pip resolver dry run of the image's install (".[train,eval,quant]" under docker/constraints.txt):
+    it reads wheel metadata only, so the multi-GB CUDA torch wheel is never downloaded."""
+    import sys
+
+    report = tmp_path / "report.json"
+    cmd = [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet", "--report", str(report)]
+    cmd += ["-c", str(CONSTRAINTS), ".[train,eval,quant]"]
+    res = subprocess.run(cmd, cwd=REPO, env=_plain_pip_env(), capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-4000:]
+    chosen = {_normal(i["metadata"]["name"]): i["metadata"]["version"] for i in json.loads(report.read_text())["install"]}
+    for name, version in _pins().items():
+        assert chosen.get(_normal(name)) == version, f"{name}: pinned {version}, resolved {chosen.get(_normal(name))}"
+    assert chosen["svdadapt"] and any(n.startswith("nvidia-") for n in chosen), "expected PyPI's CUDA build of torch"
+
+
+@pytest.mark.slow
+def test_entrypoints_run_in_a_venv_of_the_pins(tmp_path):
+    """`svdadapt --help` and `deepspeed --module svdadapt train --help` in a venv holding exactly the pinned
+    versions (this machine's packages where they match a pin, the pin itself installed where they do not;
+    torch stays the CPU build) and svdadapt installed from the repository, as the image does."""
+    import sys
+    from importlib.metadata import PackageNotFoundError, version
+
+    venv = tmp_path / "venv"  # no seeded pip/setuptools: the machine's pip installs into it, its setuptools counts
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True, timeout=300)
+    py = str(venv / "bin" / "python")
+    differ = []
+    for name, pin in _pins().items():
+        try:
+            have = version(name).split("+")[0]
+        except PackageNotFoundError:
+            have = None
+        if have != pin:
+            differ.append(f"{name}=={pin}")
+    if differ and not _pypi_reachable():
+        pytest.skip(f"needs PyPI for {differ}")
+    pip = [py, "-m", "pip", "install", "--quiet", "--no-deps"]
+    if differ:
+        subprocess.run([*pip, *differ], check=True, capture_output=True, timeout=600)
+    subprocess.run([*pip, str(REPO)], check=True, capture_output=True, timeout=600)
+    check = subprocess.run([py, "-m", "pip", "check"], capture_output=True, text=True, timeout=300)
+    pinned = {_normal(n) for n in _pins()} | {"svdadapt"}
+    broken = [line for line in check.stdout.splitlines() if _normal(line.split()[0]) in pinned] if check.returncode else []
+    assert not broken, "\n".join(broken)
+    env = {"PATH": f"{venv / 'bin'}:/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HOME": str(tmp_path)}
+    res = subprocess.run(
+        [str(venv / "bin" / "svdadapt"), "--help"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert res.returncode == 0 and "train" in res.stdout and "plan" in res.stdout, res.stderr[-2000:]
+    where = subprocess.run([py, "-c", "import svdadapt, transformers; print(svdadapt.__file__, transformers.__version__)"],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert str(venv) in where.stdout and _pins()["transformers"] in where.stdout, where.stdout + where.stderr
+    # the image's DeepSpeed entry point: the launcher runs `python -m svdadapt train` in each rank
+    res = subprocess.run([py, "-m", "deepspeed.launcher.runner", "--num_gpus", "0", "--module", "svdadapt", "train", "--help"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert res.returncode == 0 and "usage: svdadapt train" in res.stdout, res.stdout[-2000:] + res.stderr[-2000:]

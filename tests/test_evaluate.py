@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from test_train import roberta_dir, roberta_recipe  # noqa: F401  (a fixture and its recipe)
+from tiny import llama_config
 
 import svdadapt
 from svdadapt import evaluate
-from tiny import llama_config
 from svdadapt.prompts import ALPACA_PROMPT, alpaca_prompt
 from svdadapt.tasks import MMLU_SUBJECTS, utils, write_task_dir
 
@@ -100,7 +101,10 @@ def test_metamath_answer_extraction(text, expected):
 def test_metamath_scoring_and_prompt():
     doc = {"question": "How many legs do 3 cats have?", "answer": "3 * 4 = 12 legs.\n#### 1,212"}
     assert utils.gsm8k_label(doc) == "1212"
-    assert utils.metamath_process_results(doc, ["3 cats... The answer is: 1212"]) == {"exact_match": 1.0, "last_number_match": 1.0}
+    assert utils.metamath_process_results(doc, ["3 cats... The answer is: 1212"]) == {
+        "exact_match": 1.0,
+        "last_number_match": 1.0,
+    }
     assert utils.metamath_process_results(doc, ["The answer is: 12"]) == {"exact_match": 0.0, "last_number_match": 0.0}
     assert utils.metamath_process_results(doc, ["1,212"]) == {"exact_match": 0.0, "last_number_match": 1.0}
     assert utils.metamath_process_results(doc, ["The answer is: 1212 (not 12)"]) == {"exact_match": 1.0, "last_number_match": 0.0}
@@ -363,3 +367,55 @@ def test_glue_eval_matches_direct_computation(tmp_path, capsys):
         assert result["results"]["rte"]["accuracy"] == pytest.approx(expected) and result["n"] == 10
     err = _fails(capsys, "--glue", "rtx", "--model", "unused")
     assert "did you mean 'rte'" in err
+
+
+# ---------------------------------------------------------------- from a training run (no ../shared needed)
+
+
+@pytest.fixture(scope="module")
+def trained_run(roberta_dir, tmp_path_factory):  # noqa: F811
+    """A short `svdadapt train` run of a tiny classifier on the shipped SST-2 sample (32 dev sentences)."""
+    from svdadapt.train import run
+
+    out = tmp_path_factory.mktemp("run") / "run"
+    return run(roberta_recipe(roberta_dir, out, "edora")).metrics, out
+
+
+def test_glue_eval_of_a_run_directory_matches_training(roberta_dir, trained_run, tmp_path, capsys):  # noqa: F811
+    """`--adapter RUN_DIR` uses RUN_DIR/adapter; the default batch size is 32; the accuracy is the
+    one the training run measured on the same 32 dev sentences."""
+    metrics, run_dir = trained_run
+    argv = ["--glue", "sst2", "--model", str(roberta_dir), "--adapter", str(run_dir), "--limit", "32"]
+    assert evaluate.cli([*argv, "--data-dir", "pkg://svdadapt/data/sample", "--output", str(tmp_path / "e")]) == 0
+    result = json.loads((tmp_path / "e" / "results.json").read_text())
+    assert result["adapter"] == str((run_dir / "adapter").resolve()) and result["batch_size"] == 32 and result["n"] == 32
+    assert result["results"]["sst2"]["accuracy"] == metrics["final"]["accuracy"]
+
+
+def test_adapter_on_the_wrong_base_names_its_base_before_loading_weights(
+    trained_run, tmp_path, capsys, monkeypatch, offline_empty_cache
+):
+    from transformers import AutoModelForSequenceClassification, RobertaConfig
+
+    other = tmp_path / "other"
+    RobertaConfig(
+        vocab_size=100, hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4
+    ).save_pretrained(other)
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the weights were loaded before the adapter was checked")
+
+    monkeypatch.setattr(AutoModelForSequenceClassification, "from_pretrained", no_loading)
+    _, run_dir = trained_run
+    err = _fails(capsys, "--glue", "sst2", "--model", "nyu-mll/none", "--adapter", str(run_dir / "adapter"))
+    assert "--glue sst2 without --data-dir reads nyu-mll/glue from the Hugging Face hub, which is unreachable here" in err
+    argv = ["--glue", "sst2", "--model", str(other), "--adapter", str(run_dir / "adapter")]
+    err = _fails(capsys, *argv, "--data-dir", "pkg://svdadapt/data/sample")
+    recorded = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())["base_model"]
+    assert "has shape (48, 48) in the model but (32, 32) in the adapter" in err
+    assert f"the adapter was trained on base model {recorded!r}" in err and recorded
+
+
+def test_a_model_that_is_neither_a_directory_nor_a_hub_id(capsys):
+    err = _fails(capsys, "--glue", "sst2", "--model", "/nonexistent/model", "--data-dir", "pkg://svdadapt/data/sample")
+    assert "--model='/nonexistent/model': '/nonexistent/model' does not exist" in err

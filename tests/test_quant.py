@@ -41,7 +41,8 @@ def _load(path, quant):
 
 
 def _config(method, **kw):
-    return AdapterConfig(method=method, r=4, svd_cache_dir="", sigma=0.1, **kw)
+    sigma = {"sigma": 0.1} if method in ("loraxs", "edora") else {}  # a visible R for the r×r methods
+    return AdapterConfig(method=method, r=4, svd_cache_dir="", **sigma, **kw)
 
 
 def _train(model, steps=3):
@@ -101,15 +102,14 @@ def test_layer_forward_equals_dequantized_reference(method, quant):
 
 @pytest.mark.parametrize("quant", QUANTS)
 def test_blockwise_weight_times_at_matches_dense(quant, monkeypatch):
-    import svdadapt.quant as sq
-
     base = quantize_linear(torch.nn.Linear(128, 48, bias=False), quant)
     kind = svdadapt.layer.base_kind(base)
     w = kind.weight(base).float()
     a = torch.randn(6, 128, requires_grad=True)
     dc = torch.randn(48, 6)
-    monkeypatch.setattr(sq, "_BLOCK_ELEMENTS", 128 * 5)  # 10 blocks of 5 rows (the last of 3)
-    c = kind.weight_times_at(base, a)
+    monkeypatch.setattr(svdadapt.norm, "BLOCK_ELEMENTS", 128 * 5)  # 10 blocks of 5 rows (the last of 3)
+    assert [blk.shape[0] for blk in kind.row_blocks(base, torch.float32)] == [5] * 9 + [3]
+    c = svdadapt.norm.weight_times_at(lambda dtype: kind.row_blocks(base, dtype), a)
     (grad,) = torch.autograd.grad(c, a, dc)
     torch.testing.assert_close(c, w @ a.T.detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grad, dc.T @ w, rtol=1e-5, atol=1e-5)
@@ -206,3 +206,21 @@ def test_prepare_quantized_rejects_unknown_quantization(tiny_dir):
 def test_residual_on_prequantized_base_warns(tiny_dir):
     with pytest.warns(UserWarning, match="two rounding errors"):
         prepare_quantized(_load(tiny_dir, "nf4"), _config("pissa"), "nf4")
+
+
+def test_import_registers_nothing_and_a_bitsandbytes_layer_brings_its_kind():
+    import subprocess
+    import sys
+
+    code = """
+import sys, torch, bitsandbytes as bnb, svdadapt
+assert "svdadapt.quant" not in sys.modules, "import svdadapt registered the quantized kinds"
+lin = torch.nn.Linear(64, 32)
+q = bnb.nn.Linear8bitLt(64, 32, has_fp16_weights=False)
+q.weight = bnb.nn.Int8Params(lin.weight.data.half(), requires_grad=False, has_fp16_weights=False)._quantize("cpu")
+model = svdadapt.apply(torch.nn.Sequential(q), svdadapt.AdapterConfig(method="edora", r=4, target_modules=["0"], svd_cache_dir=""))
+print(model[0].kind.__name__)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "Linear8bitKind"

@@ -119,3 +119,14 @@ def test_extends_merges_sections(tmp_path):
     child.write_text("extends: base.yaml\nadapter: {method: lora}\ntraining: {seed: 4}\n")
     r = load_recipe(child)
     assert (r.adapter.method, r.training.learning_rate, r.training.seed, r.model.name_or_path) == ("lora", 0.1, 4, "some/model")
+
+
+def test_yaml_booleans_in_string_fields(tmp_path):
+    """`--set training.eval_strategy=no`: YAML reads `no` as False, which a string field takes as "no";
+    `yes` has no such reading and the error says how to quote it."""
+    path = _write(tmp_path, MINIMAL)
+    r = load_recipe(path, ["training.eval_strategy=no", "training.save_strategy=no"])
+    assert (r.training.eval_strategy, r.training.save_strategy) == ("no", "no")
+    with pytest.raises(ValueError, match=r"training.optim=True must be a string \(YAML reads unquoted yes/on/true .* quote"):
+        load_recipe(path, ["training.optim=yes"])
+    assert load_recipe(path, ["training.optim='yes'"]).training.optim == "yes"

@@ -160,3 +160,66 @@ def test_bank_on_nf4_base_equals_adapter_alone():
     ids = _ids(2)
     with torch.no_grad():
         torch.testing.assert_close(bank(ids, ["q", "q"]).logits, alone.eval()(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_two_threads_serving_one_bank_keep_their_own_batches(adapters):
+    """Thread A pauses inside its forward while thread B runs a whole call with other adapters."""
+    import threading
+
+    _, sources = adapters
+    bank = _bank(sources, ["a", "b"])
+    ids = _ids(2)
+    with torch.no_grad():
+        want_a, want_b = bank(ids, ["a", "b"]).logits, bank(ids, ["b", None]).logits
+    layers = list(bank.layers.values())
+    b_done, got = threading.Event(), {}
+
+    def pause_in_a(module, args):
+        if threading.current_thread().name == "A" and not b_done.is_set():
+            b_done.wait(timeout=60)
+
+    handle = layers[len(layers) // 2].register_forward_pre_hook(pause_in_a)
+
+    def call(name, adapter_ids):
+        with torch.no_grad():
+            got[name] = bank(ids, adapter_ids).logits
+        if name == "B":
+            b_done.set()
+
+    try:
+        a = threading.Thread(target=call, args=("A", ["a", "b"]), name="A")
+        b = threading.Thread(target=call, args=("B", ["b", None]), name="B")
+        a.start()
+        b.start()
+        b.join(timeout=120)
+        a.join(timeout=120)
+    finally:
+        handle.remove()
+    assert b_done.is_set()
+    torch.testing.assert_close(got["A"], want_a, rtol=0, atol=0)
+    torch.testing.assert_close(got["B"], want_b, rtol=0, atol=0)
+
+
+def test_bank_takes_a_file_with_version_1_fingerprints_and_checks_it(adapters, tmp_path):
+    import json
+    import shutil
+
+    from svdadapt.svd import legacy_fingerprint
+
+    _, sources = adapters
+    d = tmp_path / "old"
+    shutil.copytree(sources["a"], d)
+    meta = json.loads((d / "adapter_config.json").read_text())
+    base = _base()
+    for name, info in meta["layers"].items():
+        info["fingerprint"] = legacy_fingerprint(base.get_submodule(name).weight)
+    (d / "adapter_config.json").write_text(json.dumps(meta))
+    bank = _bank(sources, ["a"])
+    bank.add("old", d)
+    with torch.no_grad():
+        torch.testing.assert_close(bank(_ids(1), ["old"]).logits, bank(_ids(1), ["a"]).logits, rtol=0, atol=0)
+    first = next(iter(meta["layers"]))
+    meta["layers"][first]["fingerprint"] = "0" * 64
+    (d / "adapter_config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=rf"layer '{first}' was trained on another base weight"):
+        bank.add("wrong", d)

