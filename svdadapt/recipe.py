@@ -83,6 +83,9 @@ class DataSection:
         max_length: tokens per example; longer ones are truncated.
         max_train_samples: use only the first N training examples (after shuffling with the seed).
         max_eval_samples: evaluate on the first N evaluation examples.
+        validation_fraction: glue: hold out this share of the (sampled) training examples, seeded, as
+            the evaluation set for selection (learning rates, checkpoints); the dev set then becomes a
+            test set, scored once after training. 0: evaluate on dev (no held-out validation).
     """
 
     kind: str = "math"
@@ -93,6 +96,7 @@ class DataSection:
     max_length: int = 512
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
+    validation_fraction: float = 0.0
 
     def problems(self) -> list[str]:
         out = _choices(self, "data", kind=DATA_KINDS) + _positive(
@@ -107,6 +111,10 @@ class DataSection:
                 out.append(f"data.glue_task: {e}")
         if self.eval_size < 0:
             out.append(f"data.eval_size={self.eval_size} must be >= 0")
+        if not 0 <= self.validation_fraction < 1:
+            out.append(f"data.validation_fraction={self.validation_fraction} must be in [0, 1), e.g. 0.2")
+        if self.validation_fraction and self.kind != "glue":
+            out.append("data.validation_fraction applies to data.kind 'glue'; for math data set data.eval_size")
         return out
 
 
@@ -142,6 +150,8 @@ class TrainingSection:
         fp16: float16 mixed precision.
         deepspeed: a DeepSpeed JSON config (e.g. recipes/ds_zero2.json); None trains without DeepSpeed.
         dataloader_num_workers: data loading worker processes.
+        group_by_length: draw training batches of similar lengths (less padding, faster; the order
+            stays seeded and random between groups).
     """
 
     learning_rate: float = 2e-5
@@ -170,6 +180,7 @@ class TrainingSection:
     fp16: bool = False
     deepspeed: str | None = None
     dataloader_num_workers: int = 0
+    group_by_length: bool = False
 
     def problems(self) -> list[str]:
         out = _choices(self, "training", lr_scheduler_type=SCHEDULERS, eval_strategy=STRATEGIES, save_strategy=STRATEGIES)

@@ -6,6 +6,12 @@ Each RUN_DIR holds the `metrics.json` the training module writes. Runs that shar
 rank (e.g. several seeds) are one row: the median, with (min-max) when there are several. Writes
 OUTPUT/report.md and, per task, `<task>_<metric>_vs_params.png` (metric against trainable
 parameters, log x axis), `<task>_loss.png` and `<task>_grad_norm.png` (training curves per method).
+
+Runs with a held-out validation split (`data.validation_fraction`; their metrics.json has `test`,
+the dev set scored once after training) get the tuned comparison instead: per task and arm (the
+run's label) the selected learning rate (best validation metric at the search seed), dev mean ± sd
+over the seeds at that rate, and the paired difference from lora with a 95% bootstrap interval over
+dev examples and seeds; plus every run of the search and `<task>_val_vs_lr.png`.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
+
+import numpy as np
 
 REQUIRED = ("method", "r", "trainable_params", "final")
 
@@ -182,6 +190,193 @@ def plot_curves(task: str, groups: dict[tuple, list[dict]], key: str, ylabel: st
     return path
 
 
+# --- the tuned comparison: selection on validation, dev as a test set ---------------------------
+
+BASELINE = "lora"  # the arm every other is compared with
+BOOTSTRAP = 2000  # resamples for the paired intervals
+
+
+def primary_metric(task: str) -> str:
+    """The metric selection and comparisons use: the GLUE task's first (accuracy, Matthews, Pearson)."""
+    from svdadapt.data.glue import glue_task
+
+    return glue_task(task).metrics[0]
+
+
+def _arm(run: dict) -> str:
+    return run.get("label") or run["method"]
+
+
+def select_rate(runs: list[dict], metric: str) -> tuple[float, dict[float, dict]]:
+    """The selected learning rate of one arm, and the search: `{rate: validation metrics}`.
+
+    The search uses the arm's lowest seed (the sweep files search at seed 0); the selected rate has the
+    best validation `metric`, ties broken by the lower validation loss.
+    """
+    seed = min(r.get("seed", 0) for r in runs)
+    search = {r["learning_rate"]: r["final"] for r in runs if r.get("seed", 0) == seed}
+    best = max(search, key=lambda lr: (search[lr].get(metric, -math.inf), -search[lr].get("loss", math.inf)))
+    return best, dict(sorted(search.items()))
+
+
+def _scores(run: dict) -> tuple[np.ndarray, np.ndarray]:
+    """A run's per-example dev predictions and labels, as arrays."""
+    saved = run.get("test_predictions") or {}
+    pred, gold = saved.get("predictions"), saved.get("labels")
+    if pred is None or gold is None or len(pred) != len(gold):
+        raise ValueError(f"{run['_dir']}/metrics.json: test_predictions lacks per-example predictions and labels")
+    as_array = (lambda x: np.array([int(c) for c in x])) if isinstance(pred, str) else np.asarray
+    return as_array(pred), as_array(gold)
+
+
+def paired_difference(
+    task: str, arm: dict[int, dict], base: dict[int, dict], metric: str, n_boot: int = BOOTSTRAP, seed: int = 0
+):
+    """Mean over shared seeds of arm − base on dev `metric`, and its 95% percentile bootstrap interval.
+
+    Each resample draws seeds with replacement and, shared by both arms (paired), dev examples with
+    replacement. Returns (difference, low, high, seeds used) or None without a shared seed.
+    """
+    from svdadapt.data.glue import glue_metrics
+
+    seeds = sorted(set(arm) & set(base))
+    if not seeds:
+        return None
+    a = {s: _scores(arm[s]) for s in seeds}
+    b = {s: _scores(base[s]) for s in seeds}
+    gold = a[seeds[0]][1]
+    if any(not np.array_equal(x[1], gold) for x in (*a.values(), *b.values())):
+        raise ValueError(f"{task}: the runs' dev labels differ in order or content; they were not scored on the same dev set")
+
+    def diff(ss, idx) -> float:
+        return float(
+            np.mean(
+                [
+                    glue_metrics(task, a[s][0][idx], gold[idx])[metric] - glue_metrics(task, b[s][0][idx], gold[idx])[metric]
+                    for s in ss
+                ]
+            )
+        )
+
+    n, rng = len(gold), np.random.default_rng(seed)
+    boots = [diff(rng.choice(seeds, len(seeds)), rng.integers(0, n, n)) for _ in range(n_boot)]
+    lo, hi = np.percentile(boots, [2.5, 97.5])
+    return diff(seeds, np.arange(n)), float(lo), float(hi), len(seeds)
+
+
+def mean_sd(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (None for one value)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def _clip_share(runs: list[dict]) -> str:
+    counts = [r["clipping"] for r in runs if isinstance(r.get("clipping"), dict) and r["clipping"].get("steps")]
+    if not counts:
+        return "–"
+    return f"{100 * sum(c['clipped'] for c in counts) / sum(c['steps'] for c in counts):.0f}%"
+
+
+def tuned_comparison(task: str, runs: list[dict]) -> tuple[dict, str]:
+    """The selection and the comparison for one task: (`{arm: selected rate}`, Markdown)."""
+    metric = primary_metric(task)
+    arms: dict[str, list[dict]] = defaultdict(list)
+    for run in runs:
+        arms[_arm(run)].append(run)
+    chosen = {name: select_rate(rs, metric) for name, rs in arms.items()}
+    at = {name: {r.get("seed", 0): r for r in rs if r["learning_rate"] == chosen[name][0]} for name, rs in arms.items()}
+    head = [
+        "arm",
+        "params",
+        "rates searched: validation " + metric,
+        "selected",
+        "seeds",
+        f"dev {metric}, mean ± sd",
+        f"Δ vs {BASELINE} [95% interval]",
+        "clipped steps",
+    ]
+    lines = [f"### {task}: tuned", "", "| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * 5) + "|"]
+    for name in sorted(arms, key=lambda n: (arms[n][0]["trainable_params"], n)):
+        rate, search = chosen[name]
+        rates = sorted(search)
+        edge = " (edge)" if len(rates) > 1 and rate in (rates[0], rates[-1]) else " (only rate run)" if len(rates) == 1 else ""
+        shown = ", ".join(f"{lr:g}: {v.get(metric, math.nan):.3f}" for lr, v in search.items())
+        dev = [r["test"][metric] for r in at[name].values() if metric in r.get("test", {})]
+        mean, sd = mean_sd(dev) if dev else (math.nan, None)
+        cell = f"{mean:.3f}" + (f" ± {sd:.3f}" if sd is not None else "")
+        delta = "–"
+        if name != BASELINE and BASELINE in at:
+            found = paired_difference(task, at[name], at[BASELINE], metric)
+            if found:
+                d, lo, hi, k = found
+                mark = " *" if lo > 0 or hi < 0 else ""
+                delta = f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]{mark} (n={k})"
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    name,
+                    f"{arms[name][0]['trainable_params']:,}",
+                    shown,
+                    f"{rate:g}{edge}",
+                    str(len(dev)),
+                    cell,
+                    delta,
+                    _clip_share(list(at[name].values())),
+                ]
+            )
+            + " |"
+        )
+    lines += [
+        "",
+        f"Selected: the rate with the best {metric} on the held-out validation split (carved from the training "
+        "examples) at the search seed, ties to the lower validation loss; (edge): the best rate is at the grid's edge; (only rate run): no search yet. "
+        f"Dev is scored once per run, after training. Δ: mean over shared seeds of the arm's dev {metric} minus "
+        f"{BASELINE}'s, each at its selected rate, with a 95% percentile bootstrap interval over dev examples (paired) and "
+        f"seeds ({BOOTSTRAP} resamples); * the interval excludes 0. Clipped steps: optimiser steps whose gradient "
+        "norm exceeded max_grad_norm, over the runs at the selected rate.",
+    ]
+    return {name: chosen[name][0] for name in arms}, "\n".join(lines)
+
+
+def search_table(task: str, runs: list[dict]) -> str:
+    """Every run of the search and the seeds: validation and dev metrics, clipping, time."""
+    metric = primary_metric(task)
+    lines = [
+        f"### {task}: every run",
+        "",
+        f"| arm | learning rate | seed | validation {metric} | validation loss | dev {metric} | dev loss | clipped | CPU s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in sorted(runs, key=lambda r: (_arm(r), r["learning_rate"], r.get("seed", 0))):
+        val, dev = r["final"], r.get("test", {})
+        scores = [f"{x.get(k, math.nan):.4f}" for x in (val, dev) for k in (metric, "loss")]
+        cells = [_arm(r), f"{r['learning_rate']:g}", str(r.get("seed", "–")), *scores, _clip_share([r])]
+        lines.append("| " + " | ".join([*cells, f"{r.get('train_cpu_s', math.nan):.0f}"]) + " |")
+    return "\n".join(lines)
+
+
+def plot_validation_vs_rate(task: str, runs: list[dict], path: Path) -> Path:
+    """Validation metric against learning rate (log x), one line per arm, at the search seed."""
+    plt, metric = _plt(), primary_metric(task)
+    arms: dict[str, list[dict]] = defaultdict(list)
+    for run in runs:
+        arms[_arm(run)].append(run)
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for name, rs in sorted(arms.items()):
+        _, search = select_rate(rs, metric)
+        ax.plot(list(search), [v.get(metric, math.nan) for v in search.values()], marker="o", label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate (log scale)")
+    ax.set_ylabel(f"validation {metric}")
+    ax.set_title(f"{task}: learning-rate search (held-out validation split)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def write_report(run_dirs: list[str], output: str | Path) -> Path:
     """Read the runs and write `report.md` and the plots into `output`; returns the report's path."""
     if not run_dirs:
@@ -190,7 +385,17 @@ def write_report(run_dirs: list[str], output: str | Path) -> Path:
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     parts = ["# svdadapt report", "", "Runs: " + ", ".join(f"`{r['_dir']}`" for r in runs), ""]
-    for task, groups in group_runs(runs).items():
+    held_out = [r for r in runs if "test" in r]
+    tasks: dict[str, list[dict]] = defaultdict(list)
+    for run in held_out:
+        tasks[str(run.get("task") or "task")].append(run)
+    for task, rs in tasks.items():
+        selected, table = tuned_comparison(task, rs)
+        curves = {(a, rs[0]["r"]): [r for r in rs if _arm(r) == a and r["learning_rate"] == lr] for a, lr in selected.items()}
+        figures = [plot_validation_vs_rate(task, rs, out / f"{_slug(task)}_val_vs_lr.png")]
+        figures += [plot_curves(task, curves, "loss", "training loss (selected rates)", out / f"{_slug(task)}_tuned_loss.png")]
+        parts += [table, "", search_table(task, rs), ""] + [f"![{p.stem}]({p.name})" for p in figures if p is not None] + [""]
+    for task, groups in group_runs([r for r in runs if "test" not in r]).items():
         parts += [markdown_table(task, groups), ""]
         task_runs = [r for g in groups.values() for r in g]
         figures = [

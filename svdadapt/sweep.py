@@ -2,22 +2,29 @@
 
     svdadapt sweep recipes/evidence/glue_minilm.sweep.yaml --max-minutes 55   # repeat until it says "all done"
     svdadapt sweep recipes/evidence/glue_minilm.sweep.yaml --dry-run          # list runs and their state
+    svdadapt sweep recipes/evidence/glue_minilm.sweep.yaml --publish          # copy finished runs into `results`
 
 A sweep file names a base recipe, named variants (each a set of `--set` overrides) and a grid
 (key -> list of values); every variant runs at every grid point, each run in its own process and
 output directory. A finished run (its `metrics.json` exists) is skipped, an interrupted one resumes
 from its last complete checkpoint. After each run its `metrics.json` is copied (labelled with the
-variant's name) under `results/runs/`, and `svdadapt report` rewrites the table and plots there.
+variant's name) under `output_root/report/runs/`, and `svdadapt report` rewrites the table and plots
+in `output_root/report/`: everything a sweep writes stays under `output_root`. Publishing is a
+separate step: `--publish` runs nothing, copies the finished runs' labelled `metrics.json` into
+`results/runs/` (e.g. a committed folder) and rewrites the report there.
 
     recipe: recipes/evidence/glue_minilm.yaml
-    output_root: runs/evidence/glue_minilm          # run directories (checkpoints, adapters)
-    results: docs/results/glue_minilm               # what is kept: metrics, report, plots
+    output_root: runs/evidence/glue_minilm          # run directories (checkpoints, adapters) and the working report
+    results: docs/results/glue_minilm               # where --publish writes: metrics, report, plots
     variants:
       lora: {adapter.method: lora, training.learning_rate: 5.0e-4}
       edora: {adapter.method: edora, training.learning_rate: 5.0e-3}
     grid:
       data.glue_task: [rte, mrpc]
       training.seed,adapter.seed: [0, 1, 2]         # comma-joined keys take the same value
+
+A variant may carry its own `grid` (e.g. `grid: {training.learning_rate: [2.0e-4, 1.0e-3]}`), run
+at every point of the sweep's grid; its values end the run's name (`lora-rte-0-0.0002`).
 """
 
 from __future__ import annotations
@@ -63,8 +70,15 @@ def read_sweep(path: str | Path) -> tuple[dict, list[Run]]:
         raise ValueError(f"{p}: every 'grid' entry must be a non-empty list of values")
     runs = []
     for variant, sets in spec["variants"].items():
-        for point in itertools.product(*grid.values()):
-            assigned = {k.strip(): v for keys, v in zip(grid, point) for k in keys.split(",")}
+        sets = dict(sets)
+        own = sets.pop("grid", None) or {}  # the variant's own grid, e.g. its learning rates
+        if not isinstance(own, dict) or not all(isinstance(v, list) and v for v in own.values()):
+            raise ValueError(f"{p}: variant {variant!r}: 'grid' must map keys to non-empty lists of values")
+        both = {**grid, **own}
+        if clash := sorted(set(grid) & set(own)):
+            raise ValueError(f"{p}: variant {variant!r} grids {clash}, which the sweep's grid already covers")
+        for point in itertools.product(*both.values()):
+            assigned = {k.strip(): v for keys, v in zip(both, point) for k in keys.split(",")}
             tag = "-".join(str(v) for v in point)
             runs.append(Run(f"{variant}-{tag}" if tag else variant, variant, tuple({**sets, **assigned}.items())))
     _check_overrides(p, spec["recipe"], runs)
@@ -95,22 +109,38 @@ def _state(run_dir: Path) -> str:
     return "resume" if run_dir.is_dir() and complete_checkpoints(run_dir) else "new"
 
 
-def _collect(spec: dict, run: Run, run_dir: Path) -> None:
+def _working(spec: dict) -> Path:
+    """Where a sweep keeps its labelled metrics and report: under output_root, never in `results`."""
+    return Path(spec["output_root"]) / "report"
+
+
+def _collect(run: Run, run_dir: Path, folder: Path) -> None:
+    """Copy the run's metrics.json, labelled with its variant, to `folder/runs/<run name>/` (atomically)."""
     metrics = json.loads((run_dir / "metrics.json").read_text())
     metrics["label"] = run.variant
-    dest = Path(spec["results"]) / "runs" / run.name
+    dest = folder / "runs" / run.name
     dest.mkdir(parents=True, exist_ok=True)
     tmp = dest / "metrics.json.tmp"
     tmp.write_text(json.dumps(metrics, indent=2) + "\n")
     os.replace(tmp, dest / "metrics.json")
 
 
-def _report(spec: dict) -> None:
-    from svdadapt.report import cli as report
+def _report(folder: Path) -> None:
+    from svdadapt.report import write_report
 
-    runs = sorted(str(d) for d in (Path(spec["results"]) / "runs").glob("*") if (d / "metrics.json").is_file())
+    runs = sorted(str(d) for d in (folder / "runs").glob("*") if (d / "metrics.json").is_file())
     if runs:
-        report([*runs, "--output", str(Path(spec["results"]))])
+        print(f"svdadapt sweep: report of {len(runs)} runs in {write_report(runs, folder)}")
+
+
+def publish(spec: dict, runs: list[Run]) -> int:
+    """Copy the finished runs among `runs` into `results` and rewrite the report there; returns how many."""
+    root, folder = Path(spec["output_root"]), Path(spec["results"])
+    done = [run for run in runs if _state(root / run.name) == "done"]
+    for run in done:
+        _collect(run, root / run.name, folder)
+    _report(folder)
+    return len(done)
 
 
 def _selects(text: str, name: str) -> bool:
@@ -124,9 +154,19 @@ def cli(argv: list[str]) -> int:
     )
     parser.add_argument("sweep", help="the sweep YAML file")
     parser.add_argument("--max-minutes", type=float, default=None, help="start no new run after this many minutes")
-    parser.add_argument("--only", action="append", default=[], help="run only runs whose name contains this text, or matches it in full if it "
-        "has glob characters, e.g. 'dora-rte-[12]' (not edora-rte-1) (repeatable)")
+    parser.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        help="run only runs whose name contains this text, or matches it in full if it "
+        "has glob characters, e.g. 'dora-rte-[12]' (not edora-rte-1) (repeatable)",
+    )
     parser.add_argument("--dry-run", action="store_true", help="list the runs and their state, run nothing")
+    parser.add_argument(
+        "--publish",
+        action="store_true",
+        help="run nothing; copy the finished runs' metrics.json into the sweep's `results` folder and rewrite its report",
+    )
     args = parser.parse_args(argv)
     try:
         spec, runs = read_sweep(args.sweep)
@@ -134,18 +174,21 @@ def cli(argv: list[str]) -> int:
         print(f"svdadapt sweep: {e}", file=sys.stderr)
         return 2
     runs = [r for r in runs if not args.only or any(_selects(t, r.name) for t in args.only)]
-    root, start, failed = Path(spec["output_root"]), time.time(), []
+    if args.publish:
+        print(f"svdadapt sweep: published {publish(spec, runs)} of {len(runs)} runs to {spec['results']}")
+        return 0
+    root, start, failed, work = Path(spec["output_root"]), time.time(), [], _working(spec)
     for i, run in enumerate(runs, 1):
         run_dir = root / run.name
         state = _state(run_dir)
         if args.dry_run or state == "done":
             print(f"[{i}/{len(runs)}] {run.name}: {state}")
             if state == "done" and not args.dry_run:
-                _collect(spec, run, run_dir)
+                _collect(run, run_dir, work)
             continue
         if args.max_minutes is not None and time.time() - start > 60 * args.max_minutes:
             print(f"svdadapt sweep: {args.max_minutes:g} minutes used; run the same command again to continue")
-            _report(spec)
+            _report(work)
             return 0
         sets = [x for kv in _sets(run) for x in ("--set", kv)]
         mode = ["--resume"] if state == "resume" else ["--overwrite"]
@@ -154,9 +197,9 @@ def cli(argv: list[str]) -> int:
         if subprocess.run(cmd).returncode != 0 or not (run_dir / "metrics.json").is_file():
             failed.append(run.name)
             continue
-        _collect(spec, run, run_dir)
+        _collect(run, run_dir, work)
     if not args.dry_run:
-        _report(spec)
+        _report(work)
     if failed:
         print(f"svdadapt sweep: {len(failed)} runs failed: {failed}", file=sys.stderr)
         return 1

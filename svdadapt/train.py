@@ -30,6 +30,7 @@ from svdadapt.paths import locate, resolve_path
 from svdadapt.recipe import Recipe, dump_recipe, load_recipe
 
 COMPLETE = "svdadapt_checkpoint.json"  # written into a checkpoint once every file of it is saved
+CLIPPING = "svdadapt_clipping.json"  # in a checkpoint: the gradient-clipping counts so far
 _EVAL_NOISE = ("runtime", "samples_per_second", "steps_per_second", "epoch")
 
 
@@ -237,6 +238,20 @@ def _trainer_class():
         def __init__(self, *args, recipe: Recipe, **kwargs):
             super().__init__(*args, **kwargs)
             self.recipe = recipe
+            self.clipping = {"steps": 0, "clipped": 0}  # optimiser steps whose gradient norm was clipped
+
+        def _clip_grad_norm(self, model):
+            norm = super()._clip_grad_norm(model)  # the norm before clipping (None when DeepSpeed clips and keeps it)
+            if norm is not None:
+                self.clipping["steps"] += 1
+                self.clipping["clipped"] += int(float(norm) > self.args.max_grad_norm)
+            return norm
+
+        def _get_eval_sampler(self, eval_dataset):
+            # Evaluation keeps the dataset's order (per-example predictions line up across runs).
+            if self.args.world_size <= 1 and eval_dataset is not None:
+                return torch.utils.data.SequentialSampler(eval_dataset)
+            return super()._get_eval_sampler(eval_dataset)
 
         def create_optimizer(self, model=None):
             if self.optimizer is None:
@@ -307,6 +322,7 @@ def _trainer_class():
                 self.args.save_total_limit = limit
             self.accelerator.wait_for_everyone()
             if self.args.should_save:
+                (ckpt / CLIPPING).write_text(json.dumps(self.clipping) + "\n")  # before the marker: part of the checkpoint
                 tmp = ckpt / (COMPLETE + ".tmp")
                 tmp.write_text(json.dumps({"step": self.state.global_step}) + "\n")
                 tmp.replace(ckpt / COMPLETE)
@@ -385,6 +401,7 @@ def training_arguments(recipe: Recipe, has_eval: bool, resuming: bool):
         fp16=t.fp16,
         deepspeed=t.deepspeed,
         dataloader_num_workers=t.dataloader_num_workers,
+        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         activation_checkpointing=recipe.model.gradient_checkpointing,
         use_cpu=not torch.cuda.is_available(),
         remove_unused_columns=False,
@@ -398,7 +415,16 @@ def _clean(entry: dict, prefix: str = "eval_") -> dict:
     return {k[len(prefix) :]: v for k, v in entry.items() if k.startswith(prefix) and k[len(prefix) :] not in _EVAL_NOISE}
 
 
-def collect_metrics(recipe: Recipe, task: str, model, history: list[dict], steps: int, final: dict, train_time: float) -> dict:
+def collect_metrics(
+    recipe: Recipe,
+    task: str,
+    model,
+    history: list[dict],
+    steps: int,
+    final: dict,
+    train_time: float,
+    clipping: dict | None = None,
+) -> dict:
     """metrics.json: method, sizes, timing, the Trainer's log and eval history, final and before metrics."""
     count = trainable_parameters(model)
     logs = [
@@ -415,6 +441,10 @@ def collect_metrics(recipe: Recipe, task: str, model, history: list[dict], steps
         "alpha": recipe.adapter.resolved_alpha,
         "task": task,
         "model": recipe.model.name_or_path,
+        "learning_rate": recipe.training.learning_rate,
+        "magnitude_learning_rate": recipe.training.magnitude_learning_rate,
+        "seed": recipe.training.seed,
+        "eval_set": "validation" if recipe.data.validation_fraction else "dev",
         "trainable_params": count.trainable,
         "total_params": count.total,
         "train_time_s": round(train_time, 3),
@@ -424,7 +454,21 @@ def collect_metrics(recipe: Recipe, task: str, model, history: list[dict], steps
         "final": _clean(final),
         "before": before,
         "magnitude_change": magnitude_change(model),
+        "clipping": clipping and {**clipping, "max_grad_norm": recipe.training.max_grad_norm},
     }
+
+
+def compact_predictions(predictions, labels) -> dict:
+    """Per-example test predictions, small enough for metrics.json: class ids as a string of digits
+    (logits are reduced by argmax), regression scores as a list rounded to 4 digits."""
+    import numpy as np
+
+    pred, gold = np.asarray(predictions[0] if isinstance(predictions, tuple) else predictions), np.asarray(labels)
+    if pred.ndim == 2 and pred.shape[1] > 1:
+        if pred.shape[1] > 10:
+            raise ValueError(f"compact_predictions: {pred.shape[1]} classes do not fit one digit each")
+        return {"predictions": "".join(map(str, pred.argmax(-1))), "labels": "".join(map(str, gold.astype(int)))}
+    return {"predictions": [round(float(x), 4) for x in pred.reshape(-1)], "labels": [round(float(x), 4) for x in gold]}
 
 
 def variant_label(cfg) -> str:
@@ -507,16 +551,23 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, callba
         compute_metrics=data.compute_metrics,
         callbacks=list(callbacks),
     )
+    if checkpoint is not None and (checkpoint / CLIPPING).is_file():
+        trainer.clipping = json.loads((checkpoint / CLIPPING).read_text())
     _restart_clock_after_first_evaluation(trainer)
-    trained = time.time()
+    trained, cpu = time.time(), time.process_time()
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    train_time = time.time() - trained
+    train_time, cpu_time = time.time() - trained, time.process_time() - cpu
     history = list(trainer.state.log_history)  # the final evaluation below would add to it
     final = _final_evaluation(trainer, history) if data.eval is not None else {}
+    test = trainer.predict(data.test, metric_key_prefix="test") if data.test is not None else None
     model = trainer.model
     if hasattr(trainer.model_wrapped, "empty_partition_cache"):  # ZeRO-3: settle prefetched params before gathering
         trainer.model_wrapped.empty_partition_cache()
-    metrics = collect_metrics(recipe, data.task, model, history, trainer.state.global_step, final, train_time)
+    metrics = collect_metrics(recipe, data.task, model, history, trainer.state.global_step, final, train_time, trainer.clipping)
+    metrics["train_cpu_s"] = round(cpu_time, 3)  # CPU time of this process (all its threads): stable under load
+    if test is not None:  # scored once, after training: never used for selection
+        metrics["test"] = _clean(test.metrics, "test_")
+        metrics["test_predictions"] = compact_predictions(test.predictions, test.label_ids)
     _save_adapters(model, out, recipe.model.name_or_path, args.process_index == 0)
     if args.process_index == 0:
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
@@ -527,7 +578,9 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, callba
         print(
             f"svdadapt train: {recipe.adapter.method} r={recipe.adapter.r} | trainable {metrics['trainable_params']:,} of "
             f"{metrics['total_params']:,} | {metrics['train_steps']} steps in {train_time:.0f}s (total {time.time() - start:.0f}s)"
-            f"{' | ' + shown if shown else ''} | {out}",
+            f"{' | ' + shown if shown else ''}"
+            + "".join(f" | test {k} {v:.4f}" for k, v in metrics.get("test", {}).items() if isinstance(v, float))
+            + f" | {out}",
             flush=True,
         )
     return RunResult(model, trainer, metrics, out)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import struct
 
+import numpy as np
 import pytest
 
 from svdadapt import report
@@ -102,3 +104,96 @@ def test_bad_run_dirs(tmp_path, capsys):
     (bad / "metrics.json").write_text(json.dumps({"method": "lora"}))
     with pytest.raises(ValueError, match=r"lacks \['r', 'trainable_params', 'final'\]"):
         report.load_run(bad)
+
+
+# --- the tuned comparison --------------------------------------------------------------------
+
+
+def _tuned(tmp_path, label, lr, seed, val_acc, pred, gold, val_loss=0.6, params=1_000):
+    """A run with a held-out validation split: `final` is validation, `test` is dev with its predictions."""
+    d = tmp_path / f"{label}-{lr:g}-{seed}"
+    d.mkdir()
+    pred, gold = list(pred), list(gold)
+    metrics = {
+        "label": label,
+        "method": label,
+        "r": 8,
+        "task": "rte",
+        "trainable_params": params,
+        "learning_rate": lr,
+        "seed": seed,
+        "final": {"loss": val_loss, "accuracy": val_acc},
+        "test": {"loss": 0.7, "accuracy": sum(p == g for p, g in zip(pred, gold)) / len(gold)},
+        "test_predictions": {"predictions": "".join(map(str, pred)), "labels": "".join(map(str, gold))},
+        "clipping": {"steps": 10, "clipped": seed, "max_grad_norm": 1.0},
+        "train_cpu_s": 100.0,
+        "log_history": [{"step": 1, "loss": 0.7}],
+    }
+    (d / "metrics.json").write_text(json.dumps(metrics))
+    return report.load_run(d)
+
+
+def test_selection_uses_the_search_seed_and_breaks_ties_by_loss(tmp_path):
+    gold = [0, 1] * 5
+    runs = [
+        _tuned(tmp_path, "lora", 2e-4, 0, 0.60, gold, gold),
+        _tuned(tmp_path, "lora", 1e-3, 0, 0.70, gold, gold, val_loss=0.65),
+        _tuned(tmp_path, "lora", 2e-3, 0, 0.70, gold, gold, val_loss=0.55),
+        _tuned(tmp_path, "lora", 2e-4, 1, 0.99, gold, gold),  # another seed: not part of the search
+    ]
+    rate, search = report.select_rate(runs, "accuracy")
+    assert rate == 2e-3 and list(search) == [2e-4, 1e-3, 2e-3]
+
+
+def test_paired_interval_matches_the_normal_approximation(tmp_path):
+    rng = np.random.default_rng(1)
+    gold = rng.integers(0, 2, 3000)
+    right_a, right_b = rng.random(3000) < 0.72, rng.random(3000) < 0.65
+    pred_a, pred_b = np.where(right_a, gold, 1 - gold), np.where(right_b, gold, 1 - gold)
+    a = {0: _tuned(tmp_path, "dude", 1e-3, 0, 0.7, pred_a, gold)}
+    b = {0: _tuned(tmp_path, "lora", 1e-3, 0, 0.7, pred_b, gold)}
+    d, lo, hi, seeds = report.paired_difference("rte", a, b, "accuracy", n_boot=1000)
+    per_example = right_a.astype(float) - right_b.astype(float)
+    se = per_example.std(ddof=1) / np.sqrt(len(gold))
+    assert d == pytest.approx(per_example.mean()) and seeds == 1
+    assert lo == pytest.approx(d - 1.96 * se, abs=0.15 * se * 1.96) and hi == pytest.approx(d + 1.96 * se, abs=0.15 * se * 1.96)
+    assert report.paired_difference("rte", a, a, "accuracy", n_boot=50)[:3] == (0.0, 0.0, 0.0)
+    other = {0: _tuned(tmp_path, "pissa", 1e-3, 0, 0.7, pred_b[:10], gold[:10])}
+    with pytest.raises(ValueError, match="dev labels differ"):
+        report.paired_difference("rte", a, other, "accuracy", n_boot=10)
+
+
+def test_tuned_report_rows(tmp_path):
+    rng = np.random.default_rng(0)
+    gold = rng.integers(0, 2, 200)
+
+    def preds(share, seed):
+        right = np.random.default_rng(seed).random(200) < share
+        return np.where(right, gold, 1 - gold)
+
+    runs = [_tuned(tmp_path, "lora", lr, 0, v, preds(0.6, 9), gold) for lr, v in ((5e-4, 0.60), (1e-3, 0.62))]
+    runs += [_tuned(tmp_path, "lora", 1e-3, s, 0.6, preds(0.6, 10 + s), gold) for s in (1, 2)]
+    runs += [_tuned(tmp_path, "edora", lr, 0, v, preds(0.9, 20), gold) for lr, v in ((1e-3, 0.55), (3e-3, 0.58), (1e-2, 0.50))]
+    runs += [_tuned(tmp_path, "edora", 3e-3, s, 0.6, preds(0.9, 20 + s), gold) for s in (1, 2)]
+    out = tmp_path / "out"
+    report.write_report([r["_dir"] for r in runs], out)
+    text = (out / "report.md").read_text()
+    rows = {
+        line.split("|")[1].strip(): [c.strip() for c in line.split("|")[1:-1]]
+        for line in text.split("every run")[0].splitlines()  # the tuned table, not the list of runs
+        if line.startswith("| ")
+    }
+    dev = {
+        name: [r["test"]["accuracy"] for r in runs if r["label"] == name and r["learning_rate"] == lr]
+        for name, lr in (("lora", 1e-3), ("edora", 3e-3))
+    }
+    assert rows["lora"][3] == "0.001 (edge)" and rows["edora"][3] == "0.003"
+    assert (
+        rows["edora"][4] == "3"
+        and rows["edora"][5] == f"{statistics.mean(dev['edora']):.3f} ± {statistics.stdev(dev['edora']):.3f}"
+    )
+    diff = statistics.mean(dev["edora"]) - statistics.mean(dev["lora"])
+    assert rows["edora"][6].startswith(f"{diff:+.3f} [") and rows["edora"][6].endswith("* (n=3)")  # 0.9 vs 0.6: significant
+    assert rows["lora"][6] == "–" and rows["lora"][7] == "10%"  # clipped 0 + 1 + 2 of 3 x 10 steps
+    assert "1e-03" not in text and "0.001: 0.620" in rows["lora"][2]
+    assert (out / "rte_val_vs_lr.png").read_bytes()[:8] == PNG_MAGIC

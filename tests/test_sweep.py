@@ -32,6 +32,13 @@ def test_sweep_runs_each_variant_once_and_reports(roberta_dir, tmp_path, capsys,
         )
     )
     assert cli([str(sweep)]) == 0
+    assert not (tmp_path / "results").exists()  # a sweep writes under output_root only; publishing is explicit
+    work = tmp_path / "runs" / "report"
+    assert sorted(p.parent.name for p in (work / "runs").glob("*/metrics.json")) == ["edora-0", "lora_fast-0"]
+    assert "| edora |" in (work / "report.md").read_text()
+    assert cli([str(sweep), "--publish", "--only", "edora"]) == 0
+    assert [p.parent.name for p in (tmp_path / "results" / "runs").glob("*/metrics.json")] == ["edora-0"]
+    assert cli([str(sweep), "--publish"]) == 0
     runs = sorted(p.parent.name for p in (tmp_path / "results" / "runs").glob("*/metrics.json"))
     assert runs == ["edora-0", "lora_fast-0"]
     edora = json.loads((tmp_path / "results" / "runs" / "edora-0" / "metrics.json").read_text())
@@ -72,6 +79,47 @@ def test_only_is_a_substring_or_a_full_name_glob(text, picked):
 
     names = ["dora-rte-0", "edora-rte-0", "dora_mlr10-rte-0", "dora-mrpc-0"]
     assert [n for n in names if _selects(text, n)] == picked
+
+
+def test_a_variant_grid_multiplies_the_sweep_grid(tmp_path):
+    recipe = tmp_path / "base.yaml"
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"name_or_path": "m", "task": "sequence_classification"},
+                "adapter": {"method": "edora"},
+                "data": {"kind": "glue"},
+            }
+        )
+    )
+    f = tmp_path / "s.yaml"
+    spec = {
+        "recipe": str(recipe),
+        "output_root": "o",
+        "results": "r",
+        "variants": {"lora": {"adapter.method": "lora", "grid": {"training.learning_rate": [2.0e-4, 1.0e-3]}}, "edora": {}},
+        "grid": {"data.glue_task": ["rte", "mrpc"]},
+    }
+    f.write_text(yaml.safe_dump(spec, sort_keys=False))
+    _, runs = read_sweep(f)
+    assert [r.name for r in runs] == [
+        "lora-rte-0.0002",
+        "lora-rte-0.001",
+        "lora-mrpc-0.0002",
+        "lora-mrpc-0.001",
+        "edora-rte",
+        "edora-mrpc",
+    ]
+    assert dict(runs[1].overrides) == {"adapter.method": "lora", "training.learning_rate": 1.0e-3, "data.glue_task": "rte"}
+    assert {r.variant for r in runs} == {"lora", "edora"}
+    spec["variants"]["lora"]["grid"] = {"data.glue_task": ["sst2"]}
+    f.write_text(yaml.safe_dump(spec, sort_keys=False))
+    with pytest.raises(ValueError, match=r"variant 'lora' grids \['data.glue_task'\]"):
+        read_sweep(f)
+    spec["variants"]["lora"]["grid"] = {"training.learning_rate": []}
+    f.write_text(yaml.safe_dump(spec, sort_keys=False))
+    with pytest.raises(ValueError, match="variant 'lora': 'grid' must map keys to non-empty lists"):
+        read_sweep(f)
 
 
 def test_a_misspelt_variant_key_is_refused_naming_the_variant(tmp_path, capsys):

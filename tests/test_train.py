@@ -5,6 +5,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+import dataclasses
 import json
 import random
 import socket
@@ -144,6 +145,7 @@ def _reloaded_matches(result, batch: dict, tokenizer) -> None:
 
 METRIC_KEYS = {"method", "r", "alpha", "task", "model", "trainable_params", "total_params", "train_time_s", "train_steps"}
 METRIC_KEYS |= {"log_history", "eval_history", "final", "before", "label", "magnitude_change"}
+METRIC_KEYS |= {"learning_rate", "magnitude_learning_rate", "seed", "eval_set", "clipping", "train_cpu_s"}
 
 
 @pytest.mark.parametrize("method", ["dude", "edora"])
@@ -190,6 +192,33 @@ def test_glue_classifier_metrics_and_reload(roberta_dir, tmp_path):
     tok = load_tokenizer(recipe)
     batch = result.trainer.data_collator([result.trainer.eval_dataset[i] for i in range(8)])
     _reloaded_matches(result, {k: batch[k] for k in ("input_ids", "attention_mask")}, tok)
+
+
+def test_validation_split_keeps_dev_as_a_test_set(roberta_dir, tmp_path):
+    recipe = roberta_recipe(
+        roberta_dir,
+        tmp_path / "run",
+        "lora",
+        max_steps=3,
+        max_grad_norm=1e-6,
+        group_by_length=True,
+        eval_strategy="steps",
+        eval_steps=3,
+    )
+    recipe = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, validation_fraction=0.25))
+    result = run(recipe)
+    m, trainer = result.metrics, result.trainer
+    assert len(trainer.train_dataset) == 48 and len(trainer.eval_dataset) == 16  # 64 sampled: 25% held out
+    train_ids = {tuple(x) for x in trainer.train_dataset["input_ids"]}
+    assert not train_ids & {tuple(x) for x in trainer.eval_dataset["input_ids"]}
+    assert m["eval_set"] == "validation" and m["learning_rate"] == 5e-3 and m["seed"] == 0
+    assert m["clipping"] == {"steps": 3, "clipped": 3, "max_grad_norm": 1e-6}  # every step's norm exceeds 1e-6
+    pred, gold = m["test_predictions"]["predictions"], m["test_predictions"]["labels"]
+    assert len(pred) == len(gold) == 32  # data.max_eval_samples of dev, scored once after training
+    assert m["test"]["accuracy"] == pytest.approx(sum(a == b for a, b in zip(pred, gold)) / 32)
+    dev = build_data(recipe.data, load_tokenizer(recipe), seed=0).test
+    assert gold == "".join(str(x) for x in dev["labels"])
+    assert [len(x) for x in dev["input_ids"]] == sorted(len(x) for x in dev["input_ids"])
 
 
 def test_final_metrics_reuse_the_evaluation_at_the_last_step(roberta_dir, tmp_path):

@@ -27,6 +27,7 @@ class DataBundle:
         compute_metrics: `EvalPrediction -> dict`, or None (the eval loss only).
         num_labels: classes of a GLUE task (1 for STS-B), None for causal LM data.
         task: a short name for reports ("rte", "math").
+        test: a test set scored once after training (GLUE dev when a validation split is held out), or None.
     """
 
     train: object
@@ -35,6 +36,7 @@ class DataBundle:
     compute_metrics: Callable | None
     num_labels: int | None
     task: str
+    test: object | None = None
 
 
 def _subset(ds, n: int | None, seed: int | None = None):
@@ -89,16 +91,33 @@ def _glue(section, tokenizer, seed: int) -> DataBundle:
         out["labels"] = batch["label"]
         return out
 
+    val = None
+    if section.validation_fraction:
+        parts = train.train_test_split(test_size=section.validation_fraction, seed=seed)
+        train, val = parts["train"], parts["test"]
     cols = ["sentence1", "sentence2", "label"]
     train, dev = (d.map(encode, batched=True, remove_columns=cols) for d in (train, dev))
+    # Evaluation batches of similar lengths pad less; the order is the same in every run (paired comparisons).
+    dev = by_length(dev)
+    if val is not None:
+        val = by_length(val.map(encode, batched=True, remove_columns=cols))
 
     def compute_metrics(pred) -> dict:
         logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
         return glue_metrics(task, logits if spec.num_labels > 1 else logits.reshape(-1), pred.label_ids)
 
-    return DataBundle(
-        train, dev, DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8), compute_metrics, spec.num_labels, task
-    )
+    collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8)
+    if val is not None:
+        return DataBundle(train, val, collator, compute_metrics, spec.num_labels, task, test=dev)
+    return DataBundle(train, dev, collator, compute_metrics, spec.num_labels, task)
+
+
+def by_length(ds):
+    """The tokenized dataset in order of length (stable: equal lengths keep their order)."""
+    import numpy as np
+
+    lengths = np.array([len(x) for x in ds["input_ids"]])
+    return ds.select(np.argsort(lengths, kind="stable").tolist())
 
 
 def build_data(section, tokenizer, seed: int = 0) -> DataBundle:
