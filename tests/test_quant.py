@@ -10,10 +10,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 bnb = pytest.importorskip("bitsandbytes")
 transformers = pytest.importorskip("transformers")
 
+from tiny import llama_config  # noqa: E402
+
 import svdadapt  # noqa: E402
 from svdadapt import AdapterConfig  # noqa: E402
 from svdadapt.quant import is_quantized, load_quantized, prepare_quantized, quantize_linear  # noqa: E402
-from tiny import llama_config  # noqa: E402
 
 METHODS = ["lora", "dora", "pissa", "dude", "loraxs", "edora"]
 QUANTS = ["nf4", "int8"]

@@ -8,10 +8,11 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 
+from tiny import llama_config  # noqa: E402
+
 import svdadapt  # noqa: E402
 from svdadapt import AdapterConfig  # noqa: E402
 from svdadapt.serve import AdapterBank, benchmark_bank  # noqa: E402
-from tiny import llama_config  # noqa: E402
 
 VOCAB = 80
 
