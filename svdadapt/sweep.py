@@ -104,7 +104,7 @@ def _check_overrides(path: Path, recipe: str, runs: list[Run]) -> None:
 def _state(run_dir: Path) -> str:
     if (run_dir / "metrics.json").is_file():
         return "done"
-    from svdadapt.train import complete_checkpoints
+    from svdadapt.trainer import complete_checkpoints
 
     return "resume" if run_dir.is_dir() and complete_checkpoints(run_dir) else "new"
 

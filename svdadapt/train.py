@@ -1,5 +1,8 @@
 """`svdadapt train RECIPE.yaml`: fine-tune a model with an adapter on the HF Trainer, alone or under DeepSpeed.
 
+This module runs a recipe (output directory policy, model and data loading, metrics, saving the
+adapter); `svdadapt.trainer` holds the Trainer itself.
+
     svdadapt train recipes/quickstart.yaml
     svdadapt train recipes/roberta_glue_edora.yaml --set data.glue_task=rte --set training.learning_rate=1e-3
     deepspeed --module svdadapt train recipes/mistral_dude.yaml
@@ -14,7 +17,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -25,22 +27,22 @@ from pathlib import Path
 import torch
 
 from svdadapt.methods import get_method
-from svdadapt.model import adapter_config, adapter_layers, apply, find_modules_to_save, trainable_parameters
+from svdadapt.model import adapter_layers, apply, trainable_parameters
 from svdadapt.paths import locate, resolve_path
 from svdadapt.recipe import Recipe, dump_recipe, load_recipe
+from svdadapt.trainer import (
+    CLIPPING,
+    AdapterTrainer,
+    complete_checkpoints,
+    param_groups,
+    restart_clock_after_first_evaluation,
+    training_arguments,
+)
 
-COMPLETE = "svdadapt_checkpoint.json"  # written into a checkpoint once every file of it is saved
-CLIPPING = "svdadapt_clipping.json"  # in a checkpoint: the gradient-clipping counts so far
 _EVAL_NOISE = ("runtime", "samples_per_second", "steps_per_second", "epoch")
 
 
 # --- paths and the output directory -----------------------------------------------------------
-
-
-def complete_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Checkpoints whose save finished (they hold the marker file), oldest first."""
-    found = [p for p in Path(output_dir).glob("checkpoint-*") if (p / COMPLETE).is_file() and p.name.split("-")[-1].isdigit()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
 
 
 def _recipe_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -174,179 +176,6 @@ def _final_evaluation(trainer, history: list[dict]) -> dict:
     return trainer.evaluate()
 
 
-def param_groups(model: torch.nn.Module, training) -> list[dict]:
-    """AdamW groups found structurally: adapter factors, magnitudes, and modules_to_save, each with its lr.
-
-    Weight decay applies to matrices only (never to biases, norms or magnitudes).
-    """
-    layers = [layer for _, layer in adapter_layers(model)]
-    magnitudes = {id(layer.magnitude) for layer in layers if layer.magnitude is not None}
-    factors = {id(p) for layer in layers for p in layer.factors().values()}
-    saved = {id(p) for _, mod in find_modules_to_save(model, adapter_config(model).modules_to_save) for p in mod.parameters()}
-    lrs = {
-        "adapter": training.learning_rate,
-        "magnitude": training.magnitude_learning_rate or training.learning_rate,
-        "modules_to_save": training.classifier_learning_rate or training.learning_rate,
-    }
-    groups: dict[tuple[str, bool], list] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        kind = (
-            "magnitude"
-            if id(p) in magnitudes
-            else "adapter"
-            if id(p) in factors
-            else "modules_to_save"
-            if id(p) in saved
-            else None
-        )
-        if kind is None:
-            raise ValueError(f"parameter {name!r} trains but is neither an adapter factor nor in adapter.modules_to_save")
-        matrix = len(getattr(p, "ds_shape", p.shape)) >= 2 and kind != "magnitude"
-        groups.setdefault((kind, matrix), []).append(p)
-    return [
-        {
-            "params": ps,
-            "lr": lrs[kind],
-            "weight_decay": training.weight_decay if matrix else 0.0,
-            "name": kind if matrix or kind == "magnitude" else f"{kind}_no_decay",
-        }
-        for (kind, matrix), ps in groups.items()
-    ]
-
-
-def _load_trained(src: dict, dst: torch.nn.Module) -> None:
-    """Load a checkpoint's module state that holds the trained tensors only (DeepSpeed's custom_load_fn)."""
-    result = dst.load_state_dict(src, strict=False)
-    trained = {n for n, p in dst.named_parameters() if p.requires_grad}
-    missing = sorted(trained & set(result.missing_keys))
-    if missing or result.unexpected_keys:
-        raise ValueError(
-            f"the checkpoint does not match the model: trained tensors missing {missing[:5]}, "
-            f"unexpected {sorted(result.unexpected_keys)[:5]}; resume with the recipe that wrote it"
-        )
-
-
-def _trainer_class():
-    import safetensors.torch
-    from transformers import Trainer
-
-    class AdapterTrainer(Trainer):
-        """The HF Trainer with structural param groups and checkpoints holding only what trains."""
-
-        def __init__(self, *args, recipe: Recipe, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.recipe = recipe
-            self.clipping = {"steps": 0, "clipped": 0}  # optimiser steps whose gradient norm was clipped
-
-        def _clip_grad_norm(self, model):
-            norm = super()._clip_grad_norm(model)  # the norm before clipping (None when DeepSpeed clips and keeps it)
-            if norm is not None:
-                self.clipping["steps"] += 1
-                self.clipping["clipped"] += int(float(norm) > self.args.max_grad_norm)
-            return norm
-
-        def _get_eval_sampler(self, eval_dataset):
-            # Evaluation keeps the dataset's order (per-example predictions line up across runs).
-            if self.args.world_size <= 1 and eval_dataset is not None:
-                return torch.utils.data.SequentialSampler(eval_dataset)
-            return super()._get_eval_sampler(eval_dataset)
-
-        def create_optimizer(self, model=None):
-            if self.optimizer is None:
-                cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
-                kwargs.pop("lr", None)
-                self.optimizer = cls(param_groups(self.model, self.recipe.training), **kwargs)
-            return self.optimizer
-
-        def _save(self, output_dir=None, state_dict=None):
-            # The trained tensors only: the frozen base is rebuilt from the recipe.
-            output_dir = output_dir or self.args.output_dir
-            if self.args.should_save:
-                os.makedirs(output_dir, exist_ok=True)
-                names = {n for n, p in self.model.named_parameters() if p.requires_grad}
-                source = state_dict if state_dict is not None else self.model.state_dict()
-                tensors = {k: v.detach().cpu().contiguous() for k, v in source.items() if k in names}
-                safetensors.torch.save_file(tensors, os.path.join(output_dir, "model.safetensors"), metadata={"format": "pt"})
-                torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
-
-        def save_model(self, output_dir=None, _internal_call=False):
-            if not self.is_deepspeed_enabled:
-                return super().save_model(output_dir, _internal_call)
-            if _internal_call:  # a checkpoint: the engine's files, written next, hold the trained tensors
-                return None
-            zero3 = self.model_wrapped.zero_optimization_partition_weights()
-            # under ZeRO-3 gather the trained tensors only, never the partitioned frozen base
-            state = self.model_wrapped._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=True) if zero3 else None
-            return self._save(output_dir, state_dict=state)
-
-        def _save_optimizer_and_scheduler(self, output_dir):
-            if not self.is_deepspeed_enabled:
-                return super()._save_optimizer_and_scheduler(output_dir)
-            # the engine's checkpoint without the frozen weights (the Trainer excludes them for peft models only)
-            from accelerate.utils import DeepSpeedSchedulerWrapper
-
-            self.model_wrapped.save_checkpoint(output_dir, exclude_frozen_parameters=True)
-            if self.args.should_save and not isinstance(self.lr_scheduler, DeepSpeedSchedulerWrapper):
-                torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, "scheduler.pt"))
-            return None
-
-        def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
-            if not (self.is_deepspeed_enabled and resume_from_checkpoint):
-                return super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
-            # The Trainer loads a DeepSpeed checkpoint strictly unless the model is a peft one; ours holds the
-            # trained tensors only, so load it here, checking that exactly the frozen ones are missing.
-            model, loader = super()._prepare_for_training(max_steps, train_dataloader, None)
-            path, _ = self.model_wrapped.load_checkpoint(
-                resume_from_checkpoint, load_optimizer_states=True, load_lr_scheduler_states=True, custom_load_fn=_load_trained
-            )
-            if path is None:
-                raise ValueError(f"checkpoint {resume_from_checkpoint!r} holds no DeepSpeed engine state to resume from")
-            self._load_optimizer_and_scheduler(resume_from_checkpoint)
-            self._load_scaler(resume_from_checkpoint)
-            return model, loader
-
-        def _save_checkpoint(self, model, trial):
-            # Complete-only checkpoints: a directory left by a save that was cut short is replaced, the marker is
-            # written once every rank's files are on disk, and older checkpoints are deleted only after that.
-            run_dir = Path(self._get_output_dir(trial=trial))
-            ckpt = run_dir / f"checkpoint-{self.state.global_step}"
-            if self.args.should_save and ckpt.is_dir() and not (ckpt / COMPLETE).is_file():
-                shutil.rmtree(ckpt)
-            self.accelerator.wait_for_everyone()
-            limit, self.args.save_total_limit = self.args.save_total_limit, None
-            try:
-                super()._save_checkpoint(model, trial)
-            finally:
-                self.args.save_total_limit = limit
-            self.accelerator.wait_for_everyone()
-            if self.args.should_save:
-                (ckpt / CLIPPING).write_text(json.dumps(self.clipping) + "\n")  # before the marker: part of the checkpoint
-                tmp = ckpt / (COMPLETE + ".tmp")
-                tmp.write_text(json.dumps({"step": self.state.global_step}) + "\n")
-                tmp.replace(ckpt / COMPLETE)
-                for old in complete_checkpoints(run_dir)[: -limit if limit else 0]:
-                    shutil.rmtree(old, ignore_errors=True)
-
-    return AdapterTrainer
-
-
-def _restart_clock_after_first_evaluation(trainer) -> None:
-    """Restart the training progress bar's clock after the evaluation before training, so its first
-    ETA is the training's own and not inflated by that evaluation."""
-    from transformers.trainer_callback import ProgressCallback
-
-    class Progress(ProgressCallback):
-        def on_evaluate(self, args, state, control, **kwargs):
-            super().on_evaluate(args, state, control, **kwargs)
-            if state.global_step == 0 and self.training_bar is not None:
-                self.training_bar.reset(total=state.max_steps)
-
-    if trainer.pop_callback(ProgressCallback) is not None:
-        trainer.add_callback(Progress())
-
-
 # --- the run ----------------------------------------------------------------------------------
 
 
@@ -358,57 +187,6 @@ class RunResult:
     trainer: object
     metrics: dict
     output_dir: Path
-
-
-def training_arguments(recipe: Recipe, has_eval: bool, resuming: bool):
-    """`transformers.TrainingArguments` from the recipe's training section."""
-    from transformers import TrainingArguments
-
-    t = recipe.training
-    accumulation = t.gradient_accumulation_steps
-    if t.global_batch_size:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        per_step = t.per_device_train_batch_size * world
-        if t.global_batch_size % per_step:
-            raise ValueError(
-                f"training.global_batch_size={t.global_batch_size} is not a multiple of per_device_train_batch_size "
-                f"({t.per_device_train_batch_size}) x world size ({world}); change one of them"
-            )
-        accumulation = t.global_batch_size // per_step
-    return TrainingArguments(
-        output_dir=recipe.output_dir,
-        learning_rate=t.learning_rate,
-        num_train_epochs=t.num_train_epochs,
-        max_steps=t.max_steps,
-        per_device_train_batch_size=t.per_device_train_batch_size,
-        per_device_eval_batch_size=t.per_device_eval_batch_size,
-        gradient_accumulation_steps=accumulation,
-        lr_scheduler_type=t.lr_scheduler_type,
-        warmup_steps=t.warmup_ratio,
-        weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm,
-        optim=t.optim,
-        logging_steps=t.logging_steps,
-        logging_first_step=True,
-        eval_strategy=t.eval_strategy if has_eval else "no",
-        eval_steps=t.eval_steps,
-        eval_on_start=has_eval and t.eval_before and not resuming,
-        save_strategy=t.save_strategy,
-        save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
-        seed=t.seed,
-        bf16=t.bf16,
-        fp16=t.fp16,
-        deepspeed=t.deepspeed,
-        dataloader_num_workers=t.dataloader_num_workers,
-        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
-        activation_checkpointing=recipe.model.gradient_checkpointing,
-        use_cpu=not torch.cuda.is_available(),
-        remove_unused_columns=False,
-        label_names=["labels"],
-        report_to="none",
-        ddp_find_unused_parameters=False,
-    )
 
 
 def _clean(entry: dict, prefix: str = "eval_") -> dict:
@@ -540,8 +318,7 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, callba
                 shutil.rmtree(out)
             out.mkdir(parents=True, exist_ok=True)
             (out / "recipe.yaml").write_text(dump_recipe(recipe))
-    trainer_cls = _trainer_class()
-    trainer = trainer_cls(
+    trainer = AdapterTrainer(
         recipe=recipe,
         model=model,
         args=args,
@@ -553,7 +330,7 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, callba
     )
     if checkpoint is not None and (checkpoint / CLIPPING).is_file():
         trainer.clipping = json.loads((checkpoint / CLIPPING).read_text())
-    _restart_clock_after_first_evaluation(trainer)
+    restart_clock_after_first_evaluation(trainer)
     trained, cpu = time.time(), time.process_time()
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     train_time, cpu_time = time.time() - trained, time.process_time() - cpu

@@ -547,7 +547,7 @@ def test_progress_clock_restarts_after_the_evaluation_before_training():
     from transformers import TrainerControl, TrainerState, TrainingArguments
     from transformers.trainer_callback import CallbackHandler, ProgressCallback
 
-    from svdadapt.train import _restart_clock_after_first_evaluation
+    from svdadapt.trainer import restart_clock_after_first_evaluation
 
     class Holder:  # the two Trainer methods the function uses
         def __init__(self):
@@ -560,7 +560,7 @@ def test_progress_clock_restarts_after_the_evaluation_before_training():
             self.callback_handler.add_callback(cb)
 
     holder = Holder()
-    _restart_clock_after_first_evaluation(holder)
+    restart_clock_after_first_evaluation(holder)
     (bar_cb,) = holder.callback_handler.callbacks
     args, state, control = TrainingArguments(output_dir="unused", report_to="none"), TrainerState(), TrainerControl()
     state.max_steps, state.global_step = 10, 0
