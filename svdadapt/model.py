@@ -226,6 +226,9 @@ def apply(model: nn.Module, config: AdapterConfig, *, progress: bool | None = No
     return model
 
 
+FULL_MODULE = "full module"  # what a modules_to_save row of ParameterCount.layers says
+
+
 @dataclass
 class ParameterCount:
     """Trainable and total parameter counts, with a per-layer breakdown."""
@@ -237,6 +240,11 @@ class ParameterCount:
     @property
     def percent(self) -> float:
         return 100.0 * self.trainable / max(self.total, 1)
+
+    @property
+    def adapter(self) -> int:
+        """Trainable parameters of the adapter layers alone (modules_to_save not counted)."""
+        return sum(n for _, what, n in self.layers if what != FULL_MODULE)
 
     def __iter__(self):  # `trainable, total = svdadapt.trainable_parameters(model)`
         return iter((self.trainable, self.total))
@@ -272,7 +280,7 @@ def trainable_parameters(model: nn.Module) -> ParameterCount:
         rows.append((name, f"{layer.method.name}: {'+'.join(parts)}", sum(_numel(layer.factors()[k]) for k in parts)))
     cfg = getattr(model, CONFIG_ATTR, None)
     for name, module in find_modules_to_save(model, cfg.modules_to_save) if cfg else []:
-        rows.append((name, "full module", sum(_numel(p) for p in module.parameters() if p.requires_grad)))
+        rows.append((name, FULL_MODULE, sum(_numel(p) for p in module.parameters() if p.requires_grad)))
     return ParameterCount(trainable, total, rows)
 
 
@@ -285,8 +293,8 @@ def count_plan(model: nn.Module, config: AdapterConfig) -> ParameterCount:
         out_f, in_f = base_kind(module).weight(module).shape
         rows.append((name, method.name, method.trainable_count(out_f, in_f, config.r)))
     for name, module in find_modules_to_save(model, config.modules_to_save):
-        rows.append((name, "full module", sum(p.numel() for p in module.parameters())))
-    total = sum(p.numel() for p in model.parameters()) + sum(c for _, w, c in rows if w != "full module")
+        rows.append((name, FULL_MODULE, sum(p.numel() for p in module.parameters())))
+    total = sum(p.numel() for p in model.parameters()) + sum(c for _, w, c in rows if w != FULL_MODULE)
     return ParameterCount(sum(c for _, _, c in rows), total, rows)
 
 

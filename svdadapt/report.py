@@ -276,17 +276,69 @@ def _clip_share(runs: list[dict]) -> str:
     return f"{100 * sum(c['clipped'] for c in counts) / sum(c['steps'] for c in counts):.0f}%"
 
 
-def tuned_comparison(task: str, runs: list[dict]) -> tuple[dict, str]:
+class Selection:
+    """One task's tuned arms: each arm's runs, its selected rate with the search, and its runs at that rate by seed."""
+
+    def __init__(self, task: str, runs: list[dict], counts: dict[tuple, int] | None = None):
+        self.task, self.metric, self.counts = task, primary_metric(task), counts or adapter_counts(runs)
+        self.arms: dict[str, list[dict]] = defaultdict(list)
+        for run in runs:
+            self.arms[_arm(run)].append(run)
+        self.chosen = {name: select_rate(rs, self.metric) for name, rs in self.arms.items()}
+        self.at = {
+            name: {r.get("seed", 0): r for r in rs if r["learning_rate"] == self.chosen[name][0]}
+            for name, rs in self.arms.items()
+        }
+
+    def adapter_params(self, name: str) -> int | None:
+        """The arm's adapter parameters: its runs' `adapter_params`, or a run's of the same arm, model and rank."""
+        return self.counts.get(_count_key(self.arms[name][0]))
+
+    def params(self, name: str) -> int:
+        """Adapter parameters if every arm has them, else all trainable ones (runs written before the field)."""
+        if all(self.adapter_params(n) is not None for n in self.arms):
+            return self.adapter_params(name)
+        return self.arms[name][0]["trainable_params"]
+
+    def order(self) -> list[str]:
+        return sorted(self.arms, key=lambda n: (self.arms[n][0]["trainable_params"], n))
+
+    def difference(self, name: str, base: str):
+        """`paired_difference` of two arms at their selected rates, or None if either is missing."""
+        if name not in self.at or base not in self.at:
+            return None
+        return paired_difference(self.task, self.at[name], self.at[base], self.metric)
+
+
+def _count_key(run: dict) -> tuple:
+    return _arm(run), run.get("model"), run["r"]
+
+
+def adapter_counts(runs: list[dict]) -> dict[tuple, int]:
+    """`{(arm, model, r): adapter_params}` from the runs that record it (the count does not depend on the task)."""
+    return {_count_key(r): r["adapter_params"] for r in runs if "adapter_params" in r}
+
+
+def _params_label(sel: Selection) -> str:
+    has = all(sel.adapter_params(n) is not None for n in sel.arms)
+    return "adapter params" if has else "trainable params"
+
+
+def _interval(found) -> str:
+    if not found:
+        return "–"
+    d, lo, hi, k = found
+    mark = " *" if lo > 0 or hi < 0 else ""
+    return f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]{mark} (n={k})"
+
+
+def tuned_comparison(task: str, runs: list[dict], counts: dict[tuple, int] | None = None) -> tuple[dict, str]:
     """The selection and the comparison for one task: (`{arm: selected rate}`, Markdown)."""
-    metric = primary_metric(task)
-    arms: dict[str, list[dict]] = defaultdict(list)
-    for run in runs:
-        arms[_arm(run)].append(run)
-    chosen = {name: select_rate(rs, metric) for name, rs in arms.items()}
-    at = {name: {r.get("seed", 0): r for r in rs if r["learning_rate"] == chosen[name][0]} for name, rs in arms.items()}
+    sel = Selection(task, runs, counts)
+    metric = sel.metric
     head = [
         "arm",
-        "params",
+        _params_label(sel),
         "rates searched: validation " + metric,
         "selected",
         "seeds",
@@ -295,37 +347,17 @@ def tuned_comparison(task: str, runs: list[dict]) -> tuple[dict, str]:
         "clipped steps",
     ]
     lines = [f"### {task}: tuned", "", "| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * 5) + "|"]
-    for name in sorted(arms, key=lambda n: (arms[n][0]["trainable_params"], n)):
-        rate, search = chosen[name]
+    for name in sel.order():
+        rate, search = sel.chosen[name]
         rates = sorted(search)
         edge = " (edge)" if len(rates) > 1 and rate in (rates[0], rates[-1]) else " (only rate run)" if len(rates) == 1 else ""
         shown = ", ".join(f"{lr:g}: {v.get(metric, math.nan):.3f}" for lr, v in search.items())
-        dev = [r["test"][metric] for r in at[name].values() if metric in r.get("test", {})]
+        dev = [r["test"][metric] for r in sel.at[name].values() if metric in r.get("test", {})]
         mean, sd = mean_sd(dev) if dev else (math.nan, None)
         cell = f"{mean:.3f}" + (f" ± {sd:.3f}" if sd is not None else "")
-        delta = "–"
-        if name != BASELINE and BASELINE in at:
-            found = paired_difference(task, at[name], at[BASELINE], metric)
-            if found:
-                d, lo, hi, k = found
-                mark = " *" if lo > 0 or hi < 0 else ""
-                delta = f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]{mark} (n={k})"
-        lines.append(
-            "| "
-            + " | ".join(
-                [
-                    name,
-                    f"{arms[name][0]['trainable_params']:,}",
-                    shown,
-                    f"{rate:g}{edge}",
-                    str(len(dev)),
-                    cell,
-                    delta,
-                    _clip_share(list(at[name].values())),
-                ]
-            )
-            + " |"
-        )
+        delta = _interval(sel.difference(name, BASELINE)) if name != BASELINE else "–"
+        cells = [name, f"{sel.params(name):,}", shown, f"{rate:g}{edge}", str(len(dev)), cell, delta]
+        lines.append("| " + " | ".join([*cells, _clip_share(list(sel.at[name].values()))]) + " |")
     lines += [
         "",
         f"Selected: the rate with the best {metric} on the held-out validation split (carved from the training "
@@ -335,7 +367,144 @@ def tuned_comparison(task: str, runs: list[dict]) -> tuple[dict, str]:
         f"seeds ({BOOTSTRAP} resamples); * the interval excludes 0. Clipped steps: optimiser steps whose gradient "
         "norm exceeded max_grad_norm, over the runs at the selected rate.",
     ]
-    return {name: chosen[name][0] for name in arms}, "\n".join(lines)
+    return {name: sel.chosen[name][0] for name in sel.arms}, "\n".join(lines)
+
+
+def sensitivity(task: str, runs: list[dict]) -> str:
+    """What to run: per arm the selected rate, and dev at it against the neighbouring grid points (search seed)."""
+    sel = Selection(task, runs, {})
+    metric = sel.metric
+    lines = [
+        f"### {task}: what to run, and how sensitive the rate is",
+        "",
+        f"| arm | selected rate | validation {metric} | dev {metric}: next lower rate · selected · next higher rate "
+        "| largest dev drop to a neighbour |",
+        "|---|---:|---:|---|---:|",
+    ]
+    for name in sel.order():
+        rate, search = sel.chosen[name]
+        seed = min(r.get("seed", 0) for r in sel.arms[name])
+        dev = {r["learning_rate"]: r.get("test", {}).get(metric) for r in sel.arms[name] if r.get("seed", 0) == seed}
+        rates = sorted(dev)
+        i = rates.index(rate)
+        near = [rates[j] for j in (i - 1, i + 1) if 0 <= j < len(rates)]
+
+        def at(lr):
+            return "–" if lr is None or dev[lr] is None else f"{dev[lr]:.3f} ({lr:g})"
+
+        lower, higher = (rates[i - 1] if i > 0 else None), (rates[i + 1] if i + 1 < len(rates) else None)
+        drops = [dev[rate] - dev[lr] for lr in near if dev[lr] is not None and dev[rate] is not None]
+        cells = [name, f"{rate:g}", f"{search[rate].get(metric, math.nan):.3f}", f"{at(lower)} · {at(rate)} · {at(higher)}"]
+        lines.append("| " + " | ".join([*cells, f"{max(drops):+.3f}" if drops else "–"]) + " |")
+    lines += [
+        "",
+        f"All at the search seed. Largest drop: dev {metric} at the selected rate minus the worse of its grid "
+        "neighbours (negative: a neighbour scored higher on dev than the rate validation chose). Dev is used here "
+        "only to describe sensitivity, never to choose.",
+    ]
+    return "\n".join(lines)
+
+
+# The papers' claims the tuned comparison tests: (claim, arm, against, kind). Kinds: "within" (arm no more
+# than NONINFERIORITY below `against` on dev, with at least MIN_PARAM_RATIO x fewer adapter parameters),
+# "better" (arm above `against` on dev), "faster" (lower mean training loss over the first epoch).
+CLAIMS = (
+    ("EDoRA within 1 point of LoRA with ≥ 15× fewer parameters", "edora", "lora", "within"),
+    ("SVD frozen factors beat random ones (EDoRA Table 3)", "edora", "edora_random", "better"),
+    ("DuDe converges faster than DoRA", "dude", "dora", "faster"),
+    ("PiSSA converges faster than LoRA", "pissa", "lora", "faster"),
+    ("DuDe converges faster than LoRA", "dude", "lora", "faster"),
+    ("The magnitude adds accuracy: DoRA over LoRA", "dora", "lora", "better"),
+    ("The magnitude adds accuracy: DuDe over PiSSA", "dude", "pissa", "better"),
+    ("Magnitude rate ×10 adds accuracy: DoRA", "dora_mlr10", "dora", "better"),
+    ("Magnitude rate ×10 adds accuracy: DuDe", "dude_mlr10", "dude", "better"),
+)
+NONINFERIORITY = 0.01
+MIN_PARAM_RATIO = 15.0
+MIN_SEEDS = 3  # a verdict other than "cannot tell" needs this many shared seeds
+
+
+def early_loss(run: dict) -> list[tuple[int, float]]:
+    """(step, training loss) of the logged steps in the first epoch."""
+    return [
+        (e["step"], e["loss"])
+        for e in run.get("log_history") or ()
+        if isinstance(e.get("loss"), (int, float)) and 0 < e.get("step", 0) and (e.get("epoch") or 0) <= 1.0
+    ]
+
+
+def early_loss_difference(arm: dict[int, dict], base: dict[int, dict], n_boot: int = BOOTSTRAP, seed: int = 0):
+    """Mean over shared seeds of arm − base first-epoch training loss, paired by seed and logged step.
+
+    The two runs of a seed see the same batches, so each logged step is a paired difference; the 95%
+    interval resamples seeds and, within them, logged steps. Returns (difference, low, high, seeds) or None.
+    """
+    seeds = sorted(set(arm) & set(base))
+    per_seed = []
+    for s in seeds:
+        a, b = dict(early_loss(arm[s])), dict(early_loss(base[s]))
+        steps = sorted(set(a) & set(b))
+        if steps:
+            per_seed.append(np.array([a[t] - b[t] for t in steps]))
+    if not per_seed:
+        return None
+    rng = np.random.default_rng(seed)
+    boots = []
+    for _ in range(n_boot):
+        picks = rng.integers(0, len(per_seed), len(per_seed))
+        boots.append(np.mean([per_seed[i][rng.integers(0, len(per_seed[i]), len(per_seed[i]))].mean() for i in picks]))
+    lo, hi = np.percentile(boots, [2.5, 97.5])
+    return float(np.mean([d.mean() for d in per_seed])), float(lo), float(hi), len(per_seed)
+
+
+def verdict(kind: str, found, ratio: float | None = None) -> str:
+    """holds / does not hold / cannot tell, from a (difference, low, high, seeds) interval."""
+    if not found:
+        return "not run"
+    _, lo, hi, k = found
+    if k < MIN_SEEDS:
+        return f"cannot tell ({k} seed{'s' if k > 1 else ''})"
+    if kind == "within":
+        if ratio is not None and ratio < MIN_PARAM_RATIO:
+            return "does not hold (parameter ratio)"
+        return "holds" if lo > -NONINFERIORITY else "does not hold" if hi < -NONINFERIORITY else "cannot tell"
+    if kind == "faster":
+        return "holds" if hi < 0 else "does not hold" if lo > 0 else "cannot tell"
+    return "holds" if lo > 0 else "does not hold" if hi < 0 else "cannot tell"
+
+
+def claims(task: str, runs: list[dict], counts: dict[tuple, int] | None = None) -> str:
+    """The papers' claims (`CLAIMS`) on one task, each arm at its selected rate, with a verdict."""
+    sel = Selection(task, runs, counts)
+    lines = [
+        f"### {task}: the claims",
+        "",
+        "| claim | measure | difference [95% interval] | verdict |",
+        "|---|---|---:|---|",
+    ]
+    for claim, name, base, kind in CLAIMS:
+        if name not in sel.at or base not in sel.at:
+            continue
+        ratio = None
+        if kind == "faster":
+            found = early_loss_difference(sel.at[name], sel.at[base])
+            measure = f"first-epoch training loss, {name} − {base}"
+        else:
+            found = sel.difference(name, base)
+            measure = f"dev {sel.metric}, {name} − {base}"
+            if kind == "within":
+                ratio = sel.params(base) / max(sel.params(name), 1)
+                measure += f"; {ratio:.1f}× fewer {_params_label(sel)}"
+        lines.append(f"| {claim} | {measure} | {_interval(found)} | {verdict(kind, found, ratio)} |")
+    if len(lines) == 4:
+        return ""
+    lines += [
+        "",
+        f"Each arm at its selected rate; intervals as in the tuned table (first-epoch loss: paired by seed and logged "
+        f"step, resampling both). Verdicts: a difference needs {MIN_SEEDS} shared seeds and an interval on one side "
+        f"(of −{NONINFERIORITY:g} for \"within\", of 0 otherwise); anything else is \"cannot tell\".",
+    ]
+    return "\n".join(lines)
 
 
 def search_table(task: str, runs: list[dict]) -> str:
@@ -389,12 +558,15 @@ def write_report(run_dirs: list[str], output: str | Path) -> Path:
     tasks: dict[str, list[dict]] = defaultdict(list)
     for run in held_out:
         tasks[str(run.get("task") or "task")].append(run)
+    counts = adapter_counts(runs)
     for task, rs in tasks.items():
-        selected, table = tuned_comparison(task, rs)
+        selected, table = tuned_comparison(task, rs, counts)
         curves = {(a, rs[0]["r"]): [r for r in rs if _arm(r) == a and r["learning_rate"] == lr] for a, lr in selected.items()}
         figures = [plot_validation_vs_rate(task, rs, out / f"{_slug(task)}_val_vs_lr.png")]
         figures += [plot_curves(task, curves, "loss", "training loss (selected rates)", out / f"{_slug(task)}_tuned_loss.png")]
-        parts += [table, "", search_table(task, rs), ""] + [f"![{p.stem}]({p.name})" for p in figures if p is not None] + [""]
+        found = claims(task, rs, counts)
+        parts += [table, "", sensitivity(task, rs), ""] + ([found, ""] if found else [])
+        parts += [search_table(task, rs), ""] + [f"![{p.stem}]({p.name})" for p in figures if p is not None] + [""]
     for task, groups in group_runs([r for r in runs if "test" not in r]).items():
         parts += [markdown_table(task, groups), ""]
         task_runs = [r for g in groups.values() for r in g]

@@ -225,6 +225,7 @@ def collect_metrics(
         "eval_set": "validation" if recipe.data.validation_fraction else "dev",
         "trainable_params": count.trainable,
         "total_params": count.total,
+        "adapter_params": count.adapter,
         "train_time_s": round(train_time, 3),
         "train_steps": steps,
         "log_history": logs,

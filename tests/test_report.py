@@ -6,6 +6,7 @@ import json
 import math
 import statistics
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -180,7 +181,7 @@ def test_tuned_report_rows(tmp_path):
     text = (out / "report.md").read_text()
     rows = {
         line.split("|")[1].strip(): [c.strip() for c in line.split("|")[1:-1]]
-        for line in text.split("every run")[0].splitlines()  # the tuned table, not the list of runs
+        for line in text.split("what to run")[0].splitlines()  # the tuned table, not the tables after it
         if line.startswith("| ")
     }
     dev = {
@@ -197,3 +198,85 @@ def test_tuned_report_rows(tmp_path):
     assert rows["lora"][6] == "–" and rows["lora"][7] == "10%"  # clipped 0 + 1 + 2 of 3 x 10 steps
     assert "1e-03" not in text and "0.001: 0.620" in rows["lora"][2]
     assert (out / "rte_val_vs_lr.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def _claim_rows(text: str) -> dict[str, list[str]]:
+    block = text.split(": the claims")[1].split("###")[0]
+    return {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[1:-1]] for line in block.splitlines() if line.startswith("| ")}
+
+
+def _with(run: dict, **fields) -> dict:
+    """Rewrite a run's metrics.json with extra fields and reload it."""
+    path = Path(run["_dir"]) / "metrics.json"
+    metrics = {**json.loads(path.read_text()), **fields}
+    path.write_text(json.dumps(metrics))
+    return report.load_run(run["_dir"])
+
+
+def test_claims_verdicts_follow_the_intervals(tmp_path):
+    gold = np.random.default_rng(0).integers(0, 2, 2000)
+
+    def preds(share, seed):
+        right = np.random.default_rng(seed).random(len(gold)) < share
+        return np.where(right, gold, 1 - gold)
+
+    def loss_curve(offset):
+        return [{"step": s, "loss": 0.7 - 0.01 * s + offset, "epoch": s / 8} for s in range(1, 17)]
+
+    runs = []
+    for seed in range(3):
+        same = preds(0.8, seed)
+        runs.append(_with(_tuned(tmp_path, "lora", 1e-3, seed, 0.7, same, gold), adapter_params=20_000, log_history=loss_curve(0.0)))
+        # edora answers exactly as lora: the difference and its interval are 0, inside the 1-point margin
+        runs.append(_with(_tuned(tmp_path, "edora", 1e-2, seed, 0.7, same, gold), adapter_params=1_000, log_history=loss_curve(0.0)))
+        # dude fits faster by 0.05 at every first-epoch step (steps 1-8), and slower afterwards
+        curve = [{**e, "loss": e["loss"] - 0.05 if e["epoch"] <= 1 else e["loss"] + 1} for e in loss_curve(0.0)]
+        runs.append(_with(_tuned(tmp_path, "dude", 1e-3, seed, 0.7, preds(0.8, 100 + seed), gold), adapter_params=21_000, log_history=curve))
+        runs.append(_with(_tuned(tmp_path, "edora_random", 1e-2, seed, 0.7, preds(0.5, 200 + seed), gold), adapter_params=1_000))
+    out = tmp_path / "out"
+    report.write_report([r["_dir"] for r in runs], out)
+    rows = _claim_rows((out / "report.md").read_text())
+    within = rows["EDoRA within 1 point of LoRA with ≥ 15× fewer parameters"]
+    assert within[1].endswith("20.0× fewer adapter params") and within[2].startswith("+0.000 [+0.000, +0.000]")
+    assert within[3] == "holds"
+    assert rows["SVD frozen factors beat random ones (EDoRA Table 3)"][3] == "holds"  # 0.8 against 0.5 on 2,000 examples
+    faster = rows["DuDe converges faster than LoRA"]
+    assert faster[2].startswith("-0.050 [-0.050, -0.050]") and faster[3] == "holds"
+    assert "PiSSA converges faster than LoRA" not in rows  # no pissa arm: the claim is not listed
+
+    one_seed = [r for r in runs if r["seed"] == 0]
+    report.write_report([r["_dir"] for r in one_seed], out)
+    assert _claim_rows((out / "report.md").read_text())["SVD frozen factors beat random ones (EDoRA Table 3)"][3] == "cannot tell (1 seed)"
+
+
+def test_verdicts():
+    three = 3
+    assert report.verdict("better", (0.02, 0.01, 0.03, three)) == "holds"
+    assert report.verdict("better", (-0.02, -0.03, -0.01, three)) == "does not hold"
+    assert report.verdict("better", (0.0, -0.01, 0.01, three)) == "cannot tell"
+    assert report.verdict("within", (-0.005, -0.009, 0.0, three), ratio=20) == "holds"
+    assert report.verdict("within", (-0.02, -0.04, -0.011, three), ratio=20) == "does not hold"
+    assert report.verdict("within", (-0.01, -0.03, 0.01, three), ratio=20) == "cannot tell"
+    assert report.verdict("within", (0.0, 0.0, 0.0, three), ratio=2.2) == "does not hold (parameter ratio)"
+    assert report.verdict("faster", (-0.1, -0.2, -0.05, three)) == "holds"
+    assert report.verdict("faster", (0.1, 0.05, 0.2, three)) == "does not hold"
+    assert report.verdict("better", (0.1, 0.05, 0.2, 2)) == "cannot tell (2 seeds)"
+    assert report.verdict("better", None) == "not run"
+
+
+def test_sensitivity_rows(tmp_path):
+    gold = [0, 1] * 50
+
+    def right(k):  # predictions with k errors
+        return [1 - g if i < k else g for i, g in enumerate(gold)]
+
+    runs = [
+        _tuned(tmp_path, "lora", 5e-4, 0, 0.60, right(30), gold),
+        _tuned(tmp_path, "lora", 1e-3, 0, 0.70, right(20), gold),  # selected
+        _tuned(tmp_path, "lora", 2e-3, 0, 0.65, right(10), gold),
+        _tuned(tmp_path, "lora", 1e-3, 1, 0.99, right(50), gold),  # another seed: not part of the search
+    ]
+    text = report.sensitivity("rte", runs)
+    row = next(line for line in text.splitlines() if line.startswith("| lora"))
+    cells = [c.strip() for c in row.split("|")[1:-1]]
+    assert cells[1:] == ["0.001", "0.700", "0.700 (0.0005) · 0.800 (0.001) · 0.900 (0.002)", "+0.100"]
