@@ -502,7 +502,7 @@ def claims(task: str, runs: list[dict], counts: dict[tuple, int] | None = None) 
         "",
         f"Each arm at its selected rate; intervals as in the tuned table (first-epoch loss: paired by seed and logged "
         f"step, resampling both). Verdicts: a difference needs {MIN_SEEDS} shared seeds and an interval on one side "
-        f"(of −{NONINFERIORITY:g} for \"within\", of 0 otherwise); anything else is \"cannot tell\".",
+        f'(of −{NONINFERIORITY:g} for "within", of 0 otherwise); anything else is "cannot tell".',
     ]
     return "\n".join(lines)
 

@@ -202,7 +202,11 @@ def test_tuned_report_rows(tmp_path):
 
 def _claim_rows(text: str) -> dict[str, list[str]]:
     block = text.split(": the claims")[1].split("###")[0]
-    return {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[1:-1]] for line in block.splitlines() if line.startswith("| ")}
+    return {
+        line.split("|")[1].strip(): [c.strip() for c in line.split("|")[1:-1]]
+        for line in block.splitlines()
+        if line.startswith("| ")
+    }
 
 
 def _with(run: dict, **fields) -> dict:
@@ -226,12 +230,20 @@ def test_claims_verdicts_follow_the_intervals(tmp_path):
     runs = []
     for seed in range(3):
         same = preds(0.8, seed)
-        runs.append(_with(_tuned(tmp_path, "lora", 1e-3, seed, 0.7, same, gold), adapter_params=20_000, log_history=loss_curve(0.0)))
+        runs.append(
+            _with(_tuned(tmp_path, "lora", 1e-3, seed, 0.7, same, gold), adapter_params=20_000, log_history=loss_curve(0.0))
+        )
         # edora answers exactly as lora: the difference and its interval are 0, inside the 1-point margin
-        runs.append(_with(_tuned(tmp_path, "edora", 1e-2, seed, 0.7, same, gold), adapter_params=1_000, log_history=loss_curve(0.0)))
+        runs.append(
+            _with(_tuned(tmp_path, "edora", 1e-2, seed, 0.7, same, gold), adapter_params=1_000, log_history=loss_curve(0.0))
+        )
         # dude fits faster by 0.05 at every first-epoch step (steps 1-8), and slower afterwards
         curve = [{**e, "loss": e["loss"] - 0.05 if e["epoch"] <= 1 else e["loss"] + 1} for e in loss_curve(0.0)]
-        runs.append(_with(_tuned(tmp_path, "dude", 1e-3, seed, 0.7, preds(0.8, 100 + seed), gold), adapter_params=21_000, log_history=curve))
+        runs.append(
+            _with(
+                _tuned(tmp_path, "dude", 1e-3, seed, 0.7, preds(0.8, 100 + seed), gold), adapter_params=21_000, log_history=curve
+            )
+        )
         runs.append(_with(_tuned(tmp_path, "edora_random", 1e-2, seed, 0.7, preds(0.5, 200 + seed), gold), adapter_params=1_000))
     out = tmp_path / "out"
     report.write_report([r["_dir"] for r in runs], out)
@@ -246,7 +258,10 @@ def test_claims_verdicts_follow_the_intervals(tmp_path):
 
     one_seed = [r for r in runs if r["seed"] == 0]
     report.write_report([r["_dir"] for r in one_seed], out)
-    assert _claim_rows((out / "report.md").read_text())["SVD frozen factors beat random ones (EDoRA Table 3)"][3] == "cannot tell (1 seed)"
+    assert (
+        _claim_rows((out / "report.md").read_text())["SVD frozen factors beat random ones (EDoRA Table 3)"][3]
+        == "cannot tell (1 seed)"
+    )
 
 
 def test_verdicts():
