@@ -389,7 +389,7 @@ def sensitivity(task: str, runs: list[dict]) -> str:
         i = rates.index(rate)
         near = [rates[j] for j in (i - 1, i + 1) if 0 <= j < len(rates)]
 
-        def at(lr):
+        def at(lr, dev=dev):
             return "–" if lr is None or dev[lr] is None else f"{dev[lr]:.3f} ({lr:g})"
 
         lower, higher = (rates[i - 1] if i > 0 else None), (rates[i + 1] if i + 1 < len(rates) else None)
@@ -429,7 +429,7 @@ def early_loss(run: dict) -> list[tuple[int, float]]:
     return [
         (e["step"], e["loss"])
         for e in run.get("log_history") or ()
-        if isinstance(e.get("loss"), (int, float)) and 0 < e.get("step", 0) and (e.get("epoch") or 0) <= 1.0
+        if isinstance(e.get("loss"), (int, float)) and e.get("step", 0) > 0 and (e.get("epoch") or 0) <= 1.0
     ]
 
 
