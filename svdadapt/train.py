@@ -32,6 +32,7 @@ from svdadapt.paths import locate, resolve_path
 from svdadapt.recipe import Recipe, dump_recipe, load_recipe
 from svdadapt.trainer import (
     CLIPPING,
+    COMPLETE,
     AdapterTrainer,
     complete_checkpoints,
     param_groups,
@@ -331,10 +332,12 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, callba
     )
     if checkpoint is not None and (checkpoint / CLIPPING).is_file():
         trainer.clipping = json.loads((checkpoint / CLIPPING).read_text())
+    if checkpoint is not None:
+        trainer.cpu_before = json.loads((checkpoint / COMPLETE).read_text()).get("train_cpu_s", 0.0)
     restart_clock_after_first_evaluation(trainer)
-    trained, cpu = time.time(), time.process_time()
+    trained = time.time()
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    train_time, cpu_time = time.time() - trained, time.process_time() - cpu
+    train_time, cpu_time = time.time() - trained, trainer.cpu_seconds()
     history = list(trainer.state.log_history)  # the final evaluation below would add to it
     final = _final_evaluation(trainer, history) if data.eval is not None else {}
     test = trainer.predict(data.test, metric_key_prefix="test") if data.test is not None else None
@@ -342,7 +345,7 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, callba
     if hasattr(trainer.model_wrapped, "empty_partition_cache"):  # ZeRO-3: settle prefetched params before gathering
         trainer.model_wrapped.empty_partition_cache()
     metrics = collect_metrics(recipe, data.task, model, history, trainer.state.global_step, final, train_time, trainer.clipping)
-    metrics["train_cpu_s"] = round(cpu_time, 3)  # CPU time of this process (all its threads): stable under load
+    metrics["train_cpu_s"] = round(cpu_time, 3)  # CPU time of training (all threads, resumes included): stable under load
     if test is not None:  # scored once, after training: never used for selection
         metrics["test"] = _clean(test.metrics, "test_")
         metrics["test_predictions"] = compact_predictions(test.predictions, test.label_ids)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import safetensors.torch
@@ -143,6 +144,16 @@ class AdapterTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.recipe = recipe
         self.clipping = {"steps": 0, "clipped": 0}  # optimiser steps whose gradient norm was clipped
+        self.cpu_before = 0.0  # CPU seconds of training before this process (a resumed run's earlier part)
+        self._cpu_start: float | None = None
+
+    def train(self, *args, **kwargs):
+        self._cpu_start = time.process_time()
+        return super().train(*args, **kwargs)
+
+    def cpu_seconds(self) -> float:
+        """CPU seconds this run has trained, over every process that worked on it (resumes included)."""
+        return self.cpu_before + (time.process_time() - self._cpu_start if self._cpu_start is not None else 0.0)
 
     def _clip_grad_norm(self, model):
         norm = super()._clip_grad_norm(model)  # the norm before clipping (None when DeepSpeed clips and keeps it)
@@ -228,7 +239,7 @@ class AdapterTrainer(Trainer):
         if self.args.should_save:
             (ckpt / CLIPPING).write_text(json.dumps(self.clipping) + "\n")  # before the marker: part of the checkpoint
             tmp = ckpt / (COMPLETE + ".tmp")
-            tmp.write_text(json.dumps({"step": self.state.global_step}) + "\n")
+            tmp.write_text(json.dumps({"step": self.state.global_step, "train_cpu_s": self.cpu_seconds()}) + "\n")
             tmp.replace(ckpt / COMPLETE)
             for old in complete_checkpoints(run_dir)[: -limit if limit else 0]:
                 shutil.rmtree(old, ignore_errors=True)

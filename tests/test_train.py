@@ -488,8 +488,10 @@ def test_killed_process_resumes_on_the_same_loss_curve(llama_dir, tmp_path, deep
     assert marker.is_file() and not (tmp_path / "run" / "metrics.json").exists(), "the run ended before it could be killed"
     done = complete_checkpoints(tmp_path / "run")
     stamp = {p.name: (p / "trainer_state.json").stat().st_mtime_ns for p in done}
+    cpu_before = json.loads((done[-1] / "svdadapt_checkpoint.json").read_text())["train_cpu_s"]
     resumed = _launch(launcher, recipe, tmp_path, ["--resume"])
     assert resumed["train_steps"] == 12
+    assert 0 < cpu_before < resumed["train_cpu_s"]  # the CPU time counts the killed process's part too
     for p in done:  # checkpoints before the kill were not written again: training went on from the last one
         assert (p / "trainer_state.json").stat().st_mtime_ns == stamp[p.name]
     whole = _launch(launcher, recipe_in(tmp_path / "whole"), tmp_path)
