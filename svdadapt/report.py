@@ -479,8 +479,8 @@ def claims(task: str, runs: list[dict], counts: dict[tuple, int] | None = None) 
     lines = [
         f"### {task}: the claims",
         "",
-        "| claim | measure | difference [95% interval] | verdict |",
-        "|---|---|---:|---|",
+        "| claim | measure | difference [95% interval] | verdict | the same difference at equal rates (search seed) |",
+        "|---|---|---:|---|---|",
     ]
     for claim, name, base, kind in CLAIMS:
         if name not in sel.at or base not in sel.at:
@@ -495,16 +495,38 @@ def claims(task: str, runs: list[dict], counts: dict[tuple, int] | None = None) 
             if kind == "within":
                 ratio = sel.params(base) / max(sel.params(name), 1)
                 measure += f"; {ratio:.1f}× fewer {_params_label(sel)}"
-        lines.append(f"| {claim} | {measure} | {_interval(found)} | {verdict(kind, found, ratio)} |")
+        same = " · ".join(f"{lr:g}: {d:+.3f}" for lr, d in equal_rate_differences(sel, name, base, kind).items()) or "–"
+        lines.append(f"| {claim} | {measure} | {_interval(found)} | {verdict(kind, found, ratio)} | {same} |")
     if len(lines) == 4:
         return ""
     lines += [
         "",
         f"Each arm at its selected rate; intervals as in the tuned table (first-epoch loss: paired by seed and logged "
         f"step, resampling both). Verdicts: a difference needs {MIN_SEEDS} shared seeds and an interval on one side "
-        f'(of −{NONINFERIORITY:g} for "within", of 0 otherwise); anything else is "cannot tell".',
+        f'(of −{NONINFERIORITY:g} for "within", of 0 otherwise); anything else is "cannot tell". Equal rates: the '
+        "measure at each learning rate both arms ran at the search seed, a check that a difference does not come "
+        "from the two arms' rate selections alone (the intervals do not include the selection's own noise).",
     ]
     return "\n".join(lines)
+
+
+def equal_rate_differences(sel: Selection, name: str, base: str, kind: str) -> dict[float, float]:
+    """`{rate: arm − base}` at every rate both arms ran at the search seed (dev metric, or first-epoch loss)."""
+
+    def at_seed(arm: str) -> dict[float, dict]:
+        seed = min(r.get("seed", 0) for r in sel.arms[arm])
+        return {r["learning_rate"]: r for r in sel.arms[arm] if r.get("seed", 0) == seed}
+
+    a, b = at_seed(name), at_seed(base)
+    out = {}
+    for lr in sorted(set(a) & set(b)):
+        if kind == "faster":
+            found = early_loss_difference({0: a[lr]}, {0: b[lr]}, n_boot=1)
+            if found:
+                out[lr] = found[0]
+        elif sel.metric in a[lr].get("test", {}) and sel.metric in b[lr].get("test", {}):
+            out[lr] = a[lr]["test"][sel.metric] - b[lr]["test"][sel.metric]
+    return out
 
 
 def search_table(task: str, runs: list[dict]) -> str:

@@ -254,6 +254,12 @@ def test_claims_verdicts_follow_the_intervals(tmp_path):
     assert rows["SVD frozen factors beat random ones (EDoRA Table 3)"][3] == "holds"  # 0.8 against 0.5 on 2,000 examples
     faster = rows["DuDe converges faster than LoRA"]
     assert faster[2].startswith("-0.050 [-0.050, -0.050]") and faster[3] == "holds"
+    # equal rates: only where both arms ran at the search seed (dude and lora share 1e-3; edora and lora share none)
+    assert faster[4] == "0.001: -0.050" and within[4] == "–"
+    seed0 = {r["label"]: r["test"]["accuracy"] for r in runs if r["seed"] == 0}
+    assert (
+        rows["SVD frozen factors beat random ones (EDoRA Table 3)"][4] == f"0.01: {seed0['edora'] - seed0['edora_random']:+.3f}"
+    )
     assert "PiSSA converges faster than LoRA" not in rows  # no pissa arm: the claim is not listed
 
     one_seed = [r for r in runs if r["seed"] == 0]
