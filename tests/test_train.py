@@ -145,7 +145,7 @@ def _reloaded_matches(result, batch: dict, tokenizer) -> None:
 
 METRIC_KEYS = {"method", "r", "alpha", "task", "model", "trainable_params", "total_params", "train_time_s", "train_steps"}
 METRIC_KEYS |= {"log_history", "eval_history", "final", "before", "label", "magnitude_change"}
-METRIC_KEYS |= {"learning_rate", "magnitude_learning_rate", "seed", "eval_set", "clipping", "train_cpu_s"}
+METRIC_KEYS |= {"learning_rate", "magnitude_learning_rate", "seed", "eval_set", "clipping", "train_cpu_s", "adapter_params"}
 
 
 @pytest.mark.parametrize("method", ["dude", "edora"])
@@ -154,6 +154,7 @@ def test_causal_lm_learns_and_adapter_reloads(llama_dir, tmp_path, method):
     result = run(llama_recipe(llama_dir, tmp_path / "run", method, learning_rate=lr))
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert set(m) == METRIC_KEYS and m["method"] == method and m["train_steps"] == 8
+    assert 0 < m["adapter_params"] == m["trainable_params"]  # no modules_to_save: the adapter is all that trains
     assert [e["step"] for e in m["log_history"]] == [1, 2, 4, 6, 8]
     assert set(m["log_history"][0]) == {"step", "loss", "grad_norm", "learning_rate", "epoch"}
     # held-out loss (8 rows never trained on) falls from the untrained model's
@@ -186,6 +187,8 @@ def test_glue_classifier_metrics_and_reload(roberta_dir, tmp_path):
     m = result.metrics
     assert m["task"] == "sst2" and set(m["before"]) == set(m["final"]) == {"loss", "accuracy"}
     assert 0 <= m["final"]["accuracy"] <= 1
+    head = sum(p.numel() for p in result.trainer.model.classifier.parameters())
+    assert m["adapter_params"] == m["trainable_params"] - head  # the classifier (modules_to_save) is not the adapter
     assert (tmp_path / "run" / "adapter" / "adapter.safetensors").stat().st_size < (
         tmp_path / "run" / "adapter_full" / "adapter.safetensors"
     ).stat().st_size
