@@ -280,7 +280,9 @@ class Selection:
     """One task's tuned arms: each arm's runs, its selected rate with the search, and its runs at that rate by seed."""
 
     def __init__(self, task: str, runs: list[dict], counts: dict[tuple, int] | None = None):
-        self.task, self.metric, self.counts = task, primary_metric(task), counts or adapter_counts(runs)
+        self.task, self.metric = task, primary_metric(task)
+        self.counts = adapter_counts(runs) if counts is None else counts
+        self._differences: dict[tuple[str, str], tuple | None] = {}
         self.arms: dict[str, list[dict]] = defaultdict(list)
         for run in runs:
             self.arms[_arm(run)].append(run)
@@ -307,7 +309,9 @@ class Selection:
         """`paired_difference` of two arms at their selected rates, or None if either is missing."""
         if name not in self.at or base not in self.at:
             return None
-        return paired_difference(self.task, self.at[name], self.at[base], self.metric)
+        if (name, base) not in self._differences:  # the tuned table and the claims ask for some pairs twice
+            self._differences[name, base] = paired_difference(self.task, self.at[name], self.at[base], self.metric)
+        return self._differences[name, base]
 
 
 def _count_key(run: dict) -> tuple:
@@ -334,8 +338,11 @@ def _interval(found) -> str:
 
 def tuned_comparison(task: str, runs: list[dict], counts: dict[tuple, int] | None = None) -> tuple[dict, str]:
     """The selection and the comparison for one task: (`{arm: selected rate}`, Markdown)."""
-    sel = Selection(task, runs, counts)
-    metric = sel.metric
+    return _tuned_table(Selection(task, runs, counts))
+
+
+def _tuned_table(sel: Selection) -> tuple[dict, str]:
+    task, metric = sel.task, sel.metric
     head = [
         "arm",
         _params_label(sel),
@@ -372,8 +379,11 @@ def tuned_comparison(task: str, runs: list[dict], counts: dict[tuple, int] | Non
 
 def sensitivity(task: str, runs: list[dict]) -> str:
     """What to run: per arm the selected rate, and dev at it against the neighbouring grid points (search seed)."""
-    sel = Selection(task, runs, {})
-    metric = sel.metric
+    return _sensitivity_table(Selection(task, runs))
+
+
+def _sensitivity_table(sel: Selection) -> str:
+    task, metric = sel.task, sel.metric
     lines = [
         f"### {task}: what to run, and how sensitive the rate is",
         "",
@@ -475,7 +485,11 @@ def verdict(kind: str, found, ratio: float | None = None) -> str:
 
 def claims(task: str, runs: list[dict], counts: dict[tuple, int] | None = None) -> str:
     """The papers' claims (`CLAIMS`) on one task, each arm at its selected rate, with a verdict."""
-    sel = Selection(task, runs, counts)
+    return _claims_table(Selection(task, runs, counts))
+
+
+def _claims_table(sel: Selection) -> str:
+    task = sel.task
     lines = [
         f"### {task}: the claims",
         "",
@@ -582,12 +596,13 @@ def write_report(run_dirs: list[str], output: str | Path) -> Path:
         tasks[str(run.get("task") or "task")].append(run)
     counts = adapter_counts(runs)
     for task, rs in tasks.items():
-        selected, table = tuned_comparison(task, rs, counts)
+        sel = Selection(task, rs, counts)  # one selection (and one bootstrap per pair) for the task's tables
+        selected, table = _tuned_table(sel)
         curves = {(a, rs[0]["r"]): [r for r in rs if _arm(r) == a and r["learning_rate"] == lr] for a, lr in selected.items()}
         figures = [plot_validation_vs_rate(task, rs, out / f"{_slug(task)}_val_vs_lr.png")]
         figures += [plot_curves(task, curves, "loss", "training loss (selected rates)", out / f"{_slug(task)}_tuned_loss.png")]
-        found = claims(task, rs, counts)
-        parts += [table, "", sensitivity(task, rs), ""] + ([found, ""] if found else [])
+        found = _claims_table(sel)
+        parts += [table, "", _sensitivity_table(sel), ""] + ([found, ""] if found else [])
         parts += [search_table(task, rs), ""] + [f"![{p.stem}]({p.name})" for p in figures if p is not None] + [""]
     for task, groups in group_runs([r for r in runs if "test" not in r]).items():
         parts += [markdown_table(task, groups), ""]
