@@ -150,11 +150,12 @@ def plot_metric_vs_params(task: str, groups: dict[tuple, list[dict]], metric: st
     return path
 
 
-def _curve(rs: list[dict], key: str) -> tuple[list[float], list[float], list[float], list[float]]:
-    """Steps and the median, min and max of `key` over the runs at each logged step."""
+def _curve(rs: list[dict], key: str, history: str = "log_history") -> tuple[list[float], list[float], list[float], list[float]]:
+    """Steps and the median, min and max of `key` over the runs at each step of their `history`
+    (`log_history`: training logs; `eval_history`: held-out evaluations)."""
     at: dict[float, list[float]] = defaultdict(list)
     for run in rs:
-        for entry in run.get("log_history") or ():
+        for entry in run.get(history) or ():
             v = entry.get(key)
             if isinstance(v, (int, float)) and "step" in entry and math.isfinite(v):
                 at[entry["step"]].append(v)
@@ -162,17 +163,22 @@ def _curve(rs: list[dict], key: str) -> tuple[list[float], list[float], list[flo
     return steps, [statistics.median(at[s]) for s in steps], [min(at[s]) for s in steps], [max(at[s]) for s in steps]
 
 
-def plot_curves(task: str, groups: dict[tuple, list[dict]], key: str, ylabel: str, path: Path) -> Path | None:
-    """Training curves of `key` (e.g. loss) per method and rank: median line, min-max band. None if never logged."""
+def plot_curves(
+    task: str, groups: dict[tuple, list[dict]], key: str, ylabel: str, path: Path, history: str = "log_history"
+) -> Path | None:
+    """Curves of `key` (e.g. loss) in each run's `history`, per method and rank: median line, min-max band.
+
+    None if no run has `key` there. Held-out evaluations (`eval_history`) are few points, so they get markers.
+    """
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     drawn = False
     for (method, r), rs in sorted(groups.items()):
-        steps, med, lo, hi = _curve(rs, key)
+        steps, med, lo, hi = _curve(rs, key, history)
         if not steps:
             continue
         label = f"{method} r={r}" + (f" (n={len(rs)})" if len(rs) > 1 else "")
-        (line,) = ax.plot(steps, med, label=label)
+        (line,) = ax.plot(steps, med, label=label, marker="o" if history == "eval_history" else None)
         if len(rs) > 1:
             ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.2)
         drawn = True
@@ -612,6 +618,7 @@ def write_report(run_dirs: list[str], output: str | Path) -> Path:
         ]
         figures += [plot_curves(task, groups, "loss", "training loss", out / f"{_slug(task)}_loss.png")]
         figures += [plot_curves(task, groups, "grad_norm", "gradient norm", out / f"{_slug(task)}_grad_norm.png")]
+        figures += [plot_curves(task, groups, "loss", "held-out loss", out / f"{_slug(task)}_heldout_loss.png", "eval_history")]
         parts += [f"![{p.stem}]({p.name})" for p in figures if p is not None] + [""]
     report = out / "report.md"
     report.write_text("\n".join(parts))

@@ -97,6 +97,32 @@ def test_curve_median_and_band(runs):
     assert med[4] == pytest.approx(at5[1]) and lo[4] == pytest.approx(at5[0]) and hi[4] == pytest.approx(at5[2])
 
 
+def test_heldout_loss_curve(tmp_path):
+    """Held-out losses (`eval_history`) get their own curve, with the same median and band as training logs."""
+    dirs = []
+    for seed, losses in enumerate([(1.4, 0.9, 0.8), (1.4, 1.0, 0.7), (1.4, 0.95, 0.9)]):
+        d = _run(tmp_path, f"dude_s{seed}", "dude", 8, 2_000, 0.6, seed)
+        m = json.loads((d / "metrics.json").read_text())
+        m["eval_history"] = [{"step": s, "loss": v} for s, v in zip((0, 10, 20), losses)]
+        (d / "metrics.json").write_text(json.dumps(m))
+        dirs.append(d)
+    groups = report.group_runs([report.load_run(d) for d in dirs])["rte"]
+    steps, med, lo, hi = report._curve(groups[("dude", 8)], "loss", "eval_history")
+    assert steps == [0, 10, 20]
+    assert med == pytest.approx([1.4, 0.95, 0.8]) and lo == pytest.approx([1.4, 0.9, 0.7]) and hi == pytest.approx([1.4, 1.0, 0.9])
+    out = tmp_path / "report"
+    assert report.cli([str(d) for d in dirs] + ["--output", str(out)]) == 0
+    width, height, size = _png_size(out / "rte_heldout_loss.png")
+    assert width >= 600 and height >= 400 and size > 15_000
+    assert "](rte_heldout_loss.png)" in (out / "report.md").read_text()
+
+
+def test_no_heldout_loss_no_curve(tmp_path, runs):
+    out = tmp_path / "report"
+    assert report.cli([str(r) for r in runs] + ["--output", str(out)]) == 0  # eval_history has accuracy only
+    assert not (out / "rte_heldout_loss.png").exists() and "(rte_heldout_loss.png)" not in (out / "report.md").read_text()
+
+
 def test_bad_run_dirs(tmp_path, capsys):
     assert report.cli([str(tmp_path / "nope")]) == 2
     assert "metrics.json does not exist" in capsys.readouterr().err
