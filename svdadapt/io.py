@@ -183,6 +183,25 @@ def _expected_shapes(meta: dict, cfg: AdapterConfig) -> dict[str, tuple[int, ...
     return shapes
 
 
+def _mismatch(directory: Path, name: str, w: torch.Tensor, saved: str) -> str:
+    """The error for a base weight whose fingerprint differs: names the dtype the adapter was trained on
+    when this weight, rounded to it, is the one (DeepSpeed with bf16 holds a float32 model in bfloat16)."""
+    others = [t for t in (torch.bfloat16, torch.float16, torch.float32) if w.is_floating_point() and t != w.dtype]
+    trained = next((t for t in others if fingerprint_matches(w.to(t), saved)), None)
+    if trained is None:
+        return (
+            f"{directory}: the base weight of layer {name!r} differs from the one the adapter was trained on "
+            f"(fingerprint mismatch; dtype here {w.dtype}). Load the same base model and dtype, or pass check_fingerprint=False"
+        )
+    short = str(trained).removeprefix("torch.")
+    return (
+        f"{directory}: the adapter was trained on this model's weights in {short} (layer {name!r}), and they are "
+        f"{str(w.dtype).removeprefix('torch.')} here. Load the model in {short} (a recipe's model.dtype, `svdadapt eval "
+        f"--dtype {short}`), or pass check_fingerprint=False to apply it to these weights (outputs then differ from "
+        f"training's by {short} rounding)"
+    )
+
+
 def load_adapter(model: nn.Module, directory: str | os.PathLike, *, check_fingerprint: bool = True) -> nn.Module:
     """Apply the adapter saved in `directory` to the unmodified base `model`, in place.
 
@@ -207,10 +226,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, *, check_finger
             except ValueError as e:
                 raise ValueError(f"{d / CONFIG_FILE}, layer {name!r}: {e}") from None
             if not same:
-                raise ValueError(
-                    f"{d}: the base weight of layer {name!r} differs from the one the adapter was trained on "
-                    f"(fingerprint mismatch; dtype here {w.dtype}). Load the same base model and dtype, or pass check_fingerprint=False"
-                )
+                raise ValueError(_mismatch(d, name, w, prints[name]))
             prints[name] = current  # a checked version-1 fingerprint is carried on in the current version
     shapes = _expected_shapes(meta, cfg)
     keep = {f"{n}.{p}": q for n, m in find_modules_to_save(model, cfg.modules_to_save) for p, q in m.named_parameters()}

@@ -202,6 +202,25 @@ def test_loading_onto_a_different_base_names_the_layer(tmp_path):
     assert _unchanged(other, before)
 
 
+def test_loading_onto_the_same_weights_in_another_dtype_names_the_trained_one(tmp_path):
+    """An adapter trained on bf16 weights (as DeepSpeed ZeRO-3 with bf16 holds a float32 model) and loaded
+    onto the float32 original: the error says to load in bfloat16; in bfloat16 it loads."""
+    model, kw = build("llama")
+    model.to(torch.bfloat16)
+    svdadapt.apply(model, svdadapt.AdapterConfig(method="dude", r=4, **kw))
+    d = svdadapt.save_adapter(model, tmp_path / "adapter")
+    fp32, _ = build("llama")
+    before = _state(fp32)
+    with pytest.raises(ValueError, match=r"trained on this model's weights in bfloat16 .*'model.layers.0.self_attn.q_proj'.*"
+                       r"float32 here\. Load the model in bfloat16"):
+        svdadapt.load_adapter(fp32, d)
+    assert _unchanged(fp32, before)
+    svdadapt.load_adapter(fp32.to(torch.bfloat16), d)  # the same weights in the trained dtype pass the check
+    x = ids()
+    with torch.no_grad():
+        assert torch.equal(output(fp32, x), output(model, x))
+
+
 @pytest.mark.parametrize("method", ["edora", "dude"])
 def test_a_file_with_version_1_fingerprints_still_loads_and_is_checked(method, tmp_path):
     """Files written before fingerprints carried a version hold a bare sha256: they load, are checked
