@@ -173,12 +173,13 @@ def plot_curves(
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     drawn = False
-    for (method, r), rs in sorted(groups.items()):
+    for i, ((method, r), rs) in enumerate(sorted(groups.items())):
         steps, med, lo, hi = _curve(rs, key, history)
         if not steps:
             continue
         label = f"{method} r={r}" + (f" (n={len(rs)})" if len(rs) > 1 else "")
-        (line,) = ax.plot(steps, med, label=label, marker="o" if history == "eval_history" else None)
+        style = ("-", "--", ":", "-.")[i // 10 % 4]  # the colour cycle has 10 colours: a new line style after each 10
+        (line,) = ax.plot(steps, med, style, label=label, marker="o" if history == "eval_history" else None)
         if len(rs) > 1:
             ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.2)
         drawn = True
