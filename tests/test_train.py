@@ -103,6 +103,11 @@ def llama_recipe(model_dir, out, method="dude", **training):
     )
 
 
+def _with(recipe, section: str, **values):
+    """`recipe` with `values` set in one section (e.g. `_with(r, "training", deepspeed=...)`)."""
+    return recipe_from_dict(recipe.to_dict() | {section: recipe.to_dict()[section] | values})
+
+
 def roberta_recipe(model_dir, out, method="edora", **training):
     t = dict(learning_rate=5e-3, classifier_learning_rate=1e-3, max_steps=8, per_device_train_batch_size=16, logging_steps=2)
     t.update(eval_strategy="no", save_strategy="no", seed=0)
@@ -172,7 +177,7 @@ def test_quantized_base_from_the_recipe(llama_dir, tmp_path, method):
     from svdadapt.quant import is_quantized
 
     recipe = llama_recipe(llama_dir, tmp_path / "run", method, learning_rate=1e-2 if method == "dude" else 5e-2, max_steps=6)
-    recipe = recipe_from_dict({**recipe.to_dict(), "model": {**recipe.to_dict()["model"], "quantization": "nf4"}})
+    recipe = _with(recipe, "model", quantization="nf4")
     result = run(recipe)
     layers = svdadapt.adapter_layers(result.model)
     assert layers and all(is_quantized(layer.base_layer) for _, layer in layers)
@@ -324,11 +329,11 @@ def _plain(tmp_path, **data) -> dict:
 
 def test_bad_input_is_refused_and_nothing_written(llama_dir, tmp_path):
     recipe = llama_recipe(llama_dir, tmp_path / "out")
-    missing = recipe_from_dict(recipe.to_dict() | {"data": recipe.to_dict()["data"] | {"source": str(tmp_path / "nope.jsonl")}})
+    missing = _with(recipe, "data", source=str(tmp_path / "nope.jsonl"))
     with pytest.raises(ValueError, match=r"--set data.source='.*nope.jsonl': '.*nope.jsonl' does not exist"):
         run(missing)
     (tmp_path / "wrong.jsonl").write_text(json.dumps({"prompt": "1+1", "completion": "2"}) + "\n")
-    wrong = recipe_from_dict(recipe.to_dict() | {"data": recipe.to_dict()["data"] | {"source": str(tmp_path / "wrong.jsonl")}})
+    wrong = _with(recipe, "data", source=str(tmp_path / "wrong.jsonl"))
     with pytest.raises(ValueError, match=r"expected fields query/response or question/answer, found \['completion', 'prompt'\]"):
         run(wrong)
     assert not (tmp_path / "out").exists()
@@ -340,7 +345,7 @@ def test_bad_input_is_refused_and_nothing_written(llama_dir, tmp_path):
         recipe_from_dict(bad_task)
     # an output directory holding another run: refused, nothing touched
     (tmp_path / "out").mkdir()
-    other = recipe_from_dict(recipe.to_dict() | {"adapter": recipe.to_dict()["adapter"] | {"r": 2}})
+    other = _with(recipe, "adapter", r=2)
     (tmp_path / "out" / "recipe.yaml").write_text(dump_recipe(other))
     (tmp_path / "out" / "metrics.json").write_text("{}")
     with pytest.raises(ValueError, match=r"holds a run of a different recipe \(adapter.r: 2 -> 4\).*--overwrite"):
@@ -392,9 +397,7 @@ def test_deepspeed_single_rank(llama_dir, tmp_path, zero, method):
     recipe = llama_recipe(
         llama_dir, tmp_path / "run", method, learning_rate=1e-2 if method == "dude" else 5e-2, per_device_eval_batch_size=32
     )
-    recipe = recipe_from_dict(
-        recipe.to_dict() | {"training": recipe.to_dict()["training"] | {"deepspeed": f"recipes/ds_zero{zero}.json"}}
-    )
+    recipe = _with(recipe, "training", deepspeed=f"recipes/ds_zero{zero}.json")
     m = _launch(["deepspeed", "--num_gpus", "0", "--master_port", str(_port()), "--module", "svdadapt"], recipe, tmp_path)
     assert m["train_steps"] == 8 and m["final"]["loss"] < m["before"]["loss"] - 0.05
     assert _reloaded_eval_loss(recipe, tmp_path / "run") == pytest.approx(m["final"]["loss"], rel=1e-5)
@@ -406,15 +409,13 @@ def test_deepspeed_bf16(llama_dir, tmp_path, zero):
     """`bf16: true` under DeepSpeed (its "auto" bf16 follows the Trainer): a float32 model trains, and the
     saved adapter reloads to the logged loss (ZeRO-3 held the weights in bf16, so it reloads in bf16)."""
     recipe = llama_recipe(llama_dir, tmp_path / "run", "dude", bf16=True, per_device_eval_batch_size=32)
-    recipe = recipe_from_dict(
-        recipe.to_dict() | {"training": recipe.to_dict()["training"] | {"deepspeed": f"recipes/ds_zero{zero}.json"}}
-    )
+    recipe = _with(recipe, "training", deepspeed=f"recipes/ds_zero{zero}.json")
     m = _launch(["deepspeed", "--num_gpus", "0", "--master_port", str(_port()), "--module", "svdadapt"], recipe, tmp_path)
     assert m["train_steps"] == 8 and m["final"]["loss"] < m["before"]["loss"] - 0.05
     if zero == 3:  # ZeRO-3 loads the float32 checkpoint into bf16 partitions: the adapter knows bf16 weights
         with pytest.raises(ValueError, match="trained on this model's weights in bfloat16"):
             _reloaded_eval_loss(recipe, tmp_path / "run")
-        recipe = recipe_from_dict(recipe.to_dict() | {"model": recipe.to_dict()["model"] | {"dtype": "bfloat16"}})
+        recipe = _with(recipe, "model", dtype="bfloat16")
     gain = m["before"]["loss"] - m["final"]["loss"]  # measured 0.12; reloads came within 1e-4 of the logged loss
     assert _reloaded_eval_loss(recipe, tmp_path / "run") == pytest.approx(m["final"]["loss"], abs=0.05 * gain)
 
@@ -422,9 +423,7 @@ def test_deepspeed_bf16(llama_dir, tmp_path, zero):
 @pytest.mark.slow
 def test_deepspeed_zero3_glue_classifier(roberta_dir, tmp_path):
     recipe = roberta_recipe(roberta_dir, tmp_path / "run", "edora")
-    recipe = recipe_from_dict(
-        recipe.to_dict() | {"training": recipe.to_dict()["training"] | {"deepspeed": "recipes/ds_zero3.json"}}
-    )
+    recipe = _with(recipe, "training", deepspeed="recipes/ds_zero3.json")
     m = _launch(["deepspeed", "--num_gpus", "0", "--master_port", str(_port()), "--module", "svdadapt"], recipe, tmp_path)
     assert set(m["final"]) == {"loss", "accuracy"} and m["train_steps"] == 8
     assert json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())["modules_to_save"] == ["classifier"]
@@ -436,7 +435,7 @@ def test_torchrun_two_cpu_ranks(llama_dir, tmp_path, deepspeed):
     recipe = llama_recipe(
         llama_dir, tmp_path / "run", "dude", per_device_train_batch_size=4, global_batch_size=8, per_device_eval_batch_size=32
     )
-    recipe = recipe_from_dict(recipe.to_dict() | {"training": recipe.to_dict()["training"] | {"deepspeed": deepspeed}})
+    recipe = _with(recipe, "training", deepspeed=deepspeed)
     cmd = ["torchrun", "--nproc_per_node", "2", "--master_port", str(_port()), "-m", "svdadapt"]
     m = _launch(cmd, recipe, tmp_path)
     assert m["train_steps"] == 8 and m["final"]["loss"] < m["before"]["loss"] - 0.05
@@ -482,7 +481,7 @@ def test_killed_process_resumes_on_the_same_loss_curve(llama_dir, tmp_path, deep
 
     def recipe_in(out):
         r = llama_recipe(llama_dir, out, "dude", max_steps=12, save_steps=2, save_total_limit=None, logging_steps=1)
-        return recipe_from_dict(r.to_dict() | {"training": r.to_dict()["training"] | {"deepspeed": deepspeed}})
+        return _with(r, "training", deepspeed=deepspeed)
 
     recipe = recipe_in(tmp_path / "run")
     path = tmp_path / "recipe.yaml"
