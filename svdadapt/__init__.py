@@ -23,7 +23,7 @@ _EXPORTS = {
     "load_adapter": "svdadapt.io",
     "merge": "svdadapt.model",
     "methods": "svdadapt.methods",
-    "register_base_kind": "svdadapt.layer",
+    "register_base_kind": "svdadapt.kinds",
     "register_method": "svdadapt.methods",
     "save_adapter": "svdadapt.io",
     "trainable_parameters": "svdadapt.model",

@@ -139,7 +139,7 @@ def read_adapter(directory: str | os.PathLike) -> tuple[dict, AdapterConfig, dic
 def check_layers(model: nn.Module, meta: dict, cfg: AdapterConfig, directory: str | os.PathLike) -> dict[str, nn.Module]:
     """The model's target modules, checked against the adapter's layer names and shapes (works on a
     meta-device model); a mismatch raises `ValueError` naming the base model the adapter records."""
-    from svdadapt.layer import base_kind
+    from svdadapt.kinds import base_kind
 
     trained_on = (
         f"the adapter was trained on base model {meta['base_model']!r}"
@@ -212,7 +212,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, *, check_finger
     d = Path(directory)
     targets = check_layers(model, meta, cfg, d)
     saved = meta["layers"]
-    from svdadapt.layer import base_kind
+    from svdadapt.kinds import base_kind
 
     prints = {name: info.get("fingerprint") for name, info in saved.items()}
     for name, module in targets.items() if check_fingerprint else ():

@@ -15,128 +15,16 @@ in forward or backward, for any method.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from svdadapt import norm
+from svdadapt.kinds import Conv1DKind, LinearKind, base_kind
 from svdadapt.methods import Factors, Method
 
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-# --- base-layer kinds: first match wins ----------------------------------------------------
-
-
-class LinearKind:
-    """`torch.nn.Linear`: weight (out, in)."""
-
-    dtypes = FLOAT_DTYPES
-
-    @staticmethod
-    def matches(module: nn.Module) -> bool:
-        return isinstance(module, nn.Linear)
-
-    @staticmethod
-    def weight(module) -> torch.Tensor:  # (out, in), a view
-        return module.weight
-
-    @staticmethod
-    def forward(module, x: torch.Tensor, bias: bool) -> torch.Tensor:
-        return F.linear(x, module.weight, module.bias if bias else None)
-
-    @staticmethod
-    def set_weight(module, w: torch.Tensor) -> None:
-        module.weight.data.copy_(w)
-
-    @staticmethod
-    def row_blocks(module, dtype: torch.dtype):
-        return norm.row_blocks(module.weight, dtype)
-
-    @staticmethod
-    def merged(module, w: torch.Tensor) -> nn.Module:
-        out = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
-        out.weight = nn.Parameter(w.to(module.weight.dtype), requires_grad=False)
-        if module.bias is not None:
-            out.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=False)
-        return out
-
-
-class Conv1DKind:
-    """transformers' GPT-2 `Conv1D`: weight stored transposed, (in, out)."""
-
-    dtypes = FLOAT_DTYPES
-
-    @staticmethod
-    def matches(module: nn.Module) -> bool:
-        return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and module.weight.dim() == 2
-
-    @staticmethod
-    def weight(module) -> torch.Tensor:
-        return module.weight.T
-
-    @staticmethod
-    def forward(module, x: torch.Tensor, bias: bool) -> torch.Tensor:
-        return F.linear(x, module.weight.T, module.bias if bias else None)
-
-    @staticmethod
-    def set_weight(module, w: torch.Tensor) -> None:
-        module.weight.data.copy_(w.T)
-
-    @staticmethod
-    def row_blocks(module, dtype: torch.dtype):
-        return norm.row_blocks(module.weight.T, dtype)
-
-    @staticmethod
-    def merged(module, w: torch.Tensor) -> nn.Module:
-        new = type(module)(w.shape[0], w.shape[1])
-        new.weight = nn.Parameter(w.T.contiguous().to(module.weight.dtype), requires_grad=False)
-        new.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=False)
-        return new
-
-
-BASE_KINDS: list[type] = [LinearKind, Conv1DKind]
-
-
-def register_base_kind(kind: type, first: bool = True) -> None:
-    """Teach the layer a new base-layer type (e.g. a quantized linear); first match wins."""
-    BASE_KINDS.insert(0 if first else len(BASE_KINDS), kind)
-
-
-def _register_known_kinds(module: nn.Module) -> None:
-    """A bitsandbytes layer brings in `svdadapt.quant`, which registers its kinds (ahead of `LinearKind`,
-    which its classes subclass): no import of svdadapt registers them as a side effect."""
-    if type(module).__module__.startswith("bitsandbytes"):
-        import svdadapt.quant  # noqa: F401
-
-
-def base_kind(module: nn.Module, name: str = "") -> type:
-    """The first registered kind that matches `module`; raises naming the module if none does, or if
-    its weight has a dtype the kind cannot serve (e.g. float8 without a registered kind)."""
-    _register_known_kinds(module)
-    for kind in BASE_KINDS:
-        if kind.matches(module):
-            dtypes = getattr(kind, "dtypes", None)
-            if dtypes is not None and (dt := kind.weight(module).dtype) not in dtypes:
-                where = f"module {name!r}" if name else f"a {type(module).__name__}"
-                raise ValueError(
-                    f"{where} has {dt} weights; an adapter serves {type(module).__name__} weights in "
-                    f"{[str(d).removeprefix('torch.') for d in dtypes]}. Load the model in one of those dtypes, "
-                    "leave this module out of target_modules, or register a kind with svdadapt.layer.register_base_kind."
-                )
-            return kind
-    supported = ", ".join(k.__doc__.split(":")[0].strip("` ") for k in BASE_KINDS)
-    where = f"module {name!r} " if name else ""
-    raise ValueError(
-        f"{where}of type {type(module).__name__} cannot be adapted; supported layer types: {supported}. "
-        "Pick other target_modules, or register a kind with svdadapt.layer.register_base_kind."
-    )
-
-
-def is_supported(module: nn.Module) -> bool:
-    _register_known_kinds(module)
-    return any(kind.matches(module) for kind in BASE_KINDS)
-
+_NO_CONTEXT = contextlib.nullcontext()
 
 # --- the layer -----------------------------------------------------------------------------
 
@@ -188,6 +76,8 @@ class AdapterLayer(nn.Module):
         self.init_A: torch.Tensor | None = None
         self.init_B: torch.Tensor | None = None
         self._a_version = -1  # lora_A._version when _C and _G were computed
+        self._g: torch.Tensor | None = None  # g = m / n kept by `_inference_step`, valid for _g_key
+        self._g_key: tuple | None = None
         self.base_fingerprint: str | None = None  # of W0, set by whoever initialises the layer
 
     # --- what the adapter owns (structural: model.py and io.py ask the layer) ---
@@ -235,7 +125,7 @@ class AdapterLayer(nn.Module):
     def refresh(self) -> None:
         """Recompute the cached frozen quantities (after initialising or loading factors)."""
         self._w_sq = norm.row_sq(self.kind.row_blocks(self.base_layer, self.lora_A.dtype))
-        self._C = self._G = None
+        self._C = self._G = self._g = self._g_key = None
         self._c_and_g()  # caches C and G when A is frozen
 
     @torch.no_grad()
@@ -263,12 +153,13 @@ class AdapterLayer(nn.Module):
         """C = W Aᵀ (out, r) in A's dtype from W's row blocks, differentiable in A; for a bf16/fp16 W on
         CUDA outside autograd, one low-precision GEMM with float32 output (`norm.weight_times_at_cuda`)."""
         w = self.base_layer.weight
-        fast = _CUDA_OUT_DTYPE[0] and w.is_cuda and w.dtype in (torch.bfloat16, torch.float16)
-        if fast and self.kind in (LinearKind, Conv1DKind) and not (a.requires_grad and torch.is_grad_enabled()):
-            try:
-                return norm.weight_times_at_cuda(self.weight, a)
-            except (RuntimeError, TypeError, NotImplementedError):  # a torch without float32-output GEMMs
-                _CUDA_OUT_DTYPE[0] = False
+        if (
+            self.kind in (LinearKind, Conv1DKind)
+            and not (a.requires_grad and torch.is_grad_enabled())
+            and a.dtype == torch.float32
+            and norm.float_out_gemm(w.device, w.dtype)
+        ):
+            return norm.weight_times_at_cuda(self.weight, a)
         return norm.weight_times_at(lambda dtype: self.kind.row_blocks(self.base_layer, dtype), a)
 
     def _c_and_g(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -280,6 +171,8 @@ class AdapterLayer(nn.Module):
         a = self.lora_A
         if a.requires_grad:
             return self._weight_times_at(a), a @ a.T
+        if torch.compiler.is_compiling():  # a compiled graph cannot read version counters: call refresh() after
+            return (self._C, self._G) if self._C is not None else (self._weight_times_at(a), a @ a.T)  # changing A
         if self._C is None or self._a_version != a._version:
             with torch.no_grad():
                 self._C, self._G, self._a_version = self._weight_times_at(a), a @ a.T, a._version
@@ -314,10 +207,32 @@ class AdapterLayer(nn.Module):
         y = self.kind.forward(self.base_layer, x, bias=self.magnitude is None)  # (..., out): x Wᵀ (+ bias)
         xd = self.dropout(x)
         dev = y.device.type
-        if dev != "meta" and torch.is_autocast_enabled(dev):  # the step casts explicitly: autocast must not recast its float32 parts
-            with torch.autocast(dev, enabled=False):
-                return _AdapterStep.apply(y, xd, self.lora_A, self.lora_B, self.lora_R, self.magnitude, self.bias, self)
-        return _AdapterStep.apply(y, xd, self.lora_A, self.lora_B, self.lora_R, self.magnitude, self.bias, self)
+        # the step casts explicitly: autocast must not recast its float32 parts
+        with torch.autocast(dev, enabled=False) if dev != "meta" and torch.is_autocast_enabled(dev) else _NO_CONTEXT:
+            if not torch.is_grad_enabled() and not self.training and not torch.compiler.is_compiling():
+                return self._inference_step(y, xd)
+            return _AdapterStep.apply(y, xd, self.lora_A, self.lora_B, self.lora_R, self.magnitude, self.bias, self)
+
+    @torch.no_grad()
+    def _inference_step(self, y: torch.Tensor, xd: torch.Tensor) -> torch.Tensor:
+        """The step's forward without autograd, with g = m / n kept between calls (eval mode, gradients off):
+        generation pays for the norm once, not per token. g is recomputed when a factor or the base weight
+        is changed in place or replaced (version counters, storage), and on every return to train mode."""
+        g = None
+        if self.magnitude is not None:
+            key = tuple((t.data_ptr(), t._version) for t in (*self.factors().values(), self.base_layer.weight))
+            if self._g_key != key:
+                self._g, self._g_key = self.magnitude / self.row_norm(), key
+            g = self._g
+        x2 = xd.reshape(-1, xd.shape[-1])
+        h1 = norm.times_at(x2, self.lora_A)
+        h = h1 if self.lora_R is None else h1 @ self.lora_R.T
+        out = _combine(y.reshape(-1, y.shape[-1]), h, self.lora_B, self.scaling, g, None if g is None else self.bias)
+        return out.to(y.dtype).view(y.shape)
+
+    def train(self, mode: bool = True):
+        self._g = self._g_key = None  # training may change factors behind the version counters (e.g. through .data)
+        return super().train(mode)
 
     # --- merge ---
 
@@ -337,37 +252,36 @@ class AdapterLayer(nn.Module):
         return f"method={self.method.name}, r={self.r}, scaling={self.scaling:g}, exact_norm={self.exact_norm}"
 
 
-_CUDA_OUT_DTYPE = [True]  # whether torch.mm(..., out_dtype=float32) is tried for low-precision CUDA weights
-
-
-def _mm(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """a @ b returned in `dtype`: float32 output straight from a low-precision GEMM on CUDA, else rounded once."""
-    if a.dtype == dtype:
-        return a @ b
-    if a.is_cuda and _CUDA_OUT_DTYPE[0]:
-        try:
-            return torch.mm(a, b, out_dtype=dtype)
-        except (RuntimeError, TypeError, NotImplementedError):
-            _CUDA_OUT_DTYPE[0] = False
-    return (a @ b).to(dtype)
+def _combine(y2: torch.Tensor, h: torch.Tensor, b: torch.Tensor, s: float, g, bias) -> torch.Tensor:
+    """z = y + s·h Bᵀ, then g ⊙ z + bias with a magnitude, (N, out) in the adapter's dtype: y upcast once,
+    the low-rank term s·h Bᵀ never rounded on its own; the caller rounds z once to the output dtype."""
+    ad = h.dtype
+    z = torch.addmm(y2, h, b.T, alpha=s) if y2.dtype == ad else y2.to(ad).addmm_(h, b.T, alpha=s)
+    if g is not None:
+        z.mul_(g)
+        if bias is not None:
+            z.add_(bias)
+    return z
 
 
 class _AdapterStep(torch.autograd.Function):
     """The adapter's part of `AdapterLayer`, forward and backward in one node, on the base matmul's output y.
 
-    Forward, with cd = y's dtype and every small product in the adapter's dtype (float32):
+    Forward, with cd = y's dtype and ad = the adapter's (float32, or float64 for a float64 base):
 
-        ypre = y + s·((d(x) Aᵀ) Rᵀ) Bᵀ              (N, out), in cd: one rounding
-        out  = g ⊙ ypre + bias,   g = m / n          in float32, rounded once to cd
+        h   = (d(x) Aᵀ) Rᵀ                         (N, r) in ad: A at its own precision (`norm.times_at`)
+        out = g ⊙ (y + s·h Bᵀ) + bias,  g = m / n   in ad, rounded once to cd
 
-    (without a magnitude, y already carries the bias and out = ypre). It saves what a LoRA saves (d(x)
-    and h1 = d(x) Aᵀ) and, with a magnitude, ypre and n; it writes `out` into y's storage. Backward
-    (DESIGN.md §3):
+    (without a magnitude y carries the bias and out = y + s·h Bᵀ): y is the base layer's own output,
+    rounded once by the base as it is alone, so out carries that rounding and one more, as peft's DoRA
+    with float32 adapter weights does. Out-of-place (a compiler fuses the elementwise passes); it saves
+    what a LoRA saves (d(x) and h1 = d(x) Aᵀ) and, with a magnitude, y and n. Backward (DESIGN.md §3),
+    with M = gradᵀ h (out, r):
 
-        dL/dg = Σ_tokens grad ⊙ ypre,   dL/dm = dL/dg / n,   dL/dypre = g ⊙ grad  (= dL/dy)
-        then the low-rank chain rule, and for norm="exact" the gradient of n through
-        n² = ‖W‖² + 2s⟨C, P⟩ + s²⟨P G, P⟩:  dL/dP = 2s·dL/dn² ⊙ (C + s·P G),  dL/dC = 2s·dL/dn² ⊙ P,
-        dL/dG = s²·Pᵀ (dL/dn² ⊙ P),  dL/dA = dL/dCᵀ W + (dL/dG + dL/dGᵀ) A.
+        dL/dg = Σ_tokens grad ⊙ y + s·rowsum(B ⊙ M),   dL/dm = dL/dg / n,   dL/dy = g ⊙ grad,
+        dL/dB = s·g ⊙ M,   dL/dh = s·grad (g ⊙ B),   then the low-rank chain rule; for norm="exact"
+        the gradient of n through n² = ‖W‖² + 2s⟨C, P⟩ + s²⟨P G, P⟩:  dL/dP = 2s·dL/dn² ⊙ (C + s·P G),
+        dL/dC = 2s·dL/dn² ⊙ P,  dL/dG = s²·Pᵀ (dL/dn² ⊙ P),  dL/dA = dL/dCᵀ W + (dL/dG + dL/dGᵀ) A.
 
     The gradient to y is returned to the base layer's own backward (which computes dL/dx through W), so
     the base runs exactly as it does alone: plain, quantized, under autocast or ZeRO-3. No (out, in) tensor.
@@ -375,32 +289,19 @@ class _AdapterStep(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, y, xd, a, b, rr, m, bias, layer):
-        s, cd, ad = layer.scaling, y.dtype, a.dtype
-        x2 = xd.reshape(-1, xd.shape[-1]).to(cd)  # (N, in); a copy only under autocast
-        h1 = x2 @ a.to(cd).T  # (N, r)
-        h = h1 if rr is None else (h1.to(ad) @ rr.T).to(cd)  # (N, r)
-        ctx.layer, ctx.xd_shape, ctx.xd_dtype = layer, xd.shape, xd.dtype
+        s, cd = layer.scaling, y.dtype
+        x2 = xd.reshape(-1, xd.shape[-1])  # (N, in), in d(x)'s own dtype: no copy
+        h1 = norm.times_at(x2, a)  # (N, r)
+        h = h1 if rr is None else h1 @ rr.T
         y2 = y.reshape(-1, y.shape[-1])  # (N, out)
-        if y._is_view():  # e.g. bitsandbytes' int8 output: a view that must not be written in place
-            out = torch.empty_like(y)
-        else:  # write the result into y's storage: no second (N, out) tensor
-            out = y
-            ctx.mark_dirty(y)
-        out2 = out.view(-1, out.shape[-1])
+        ctx.layer, ctx.xd_shape = layer, xd.shape
         if m is None:
-            torch.addmm(y2, h, b.to(cd).T, alpha=s, out=out2)  # y + s·h Bᵀ
             ctx.save_for_backward(x2, a, b, rr, h1)
-            return out
-        ypre = torch.addmm(y2, h, b.to(cd).T, alpha=s)  # (N, out)
+            return _combine(y2, h, b, s, None, None).to(cd).view(y.shape)
         n, c, _, _ = layer._norm_parts()
-        g = m.detach() / n  # (out,)
-        if bias is None:
-            torch.mul(ypre, g, out=out2)
-        else:
-            torch.addcmul(bias.detach(), ypre, g, out=out2)
         save_c = layer.exact_norm and layer.lora_A.requires_grad  # else C is cached, or not needed
-        ctx.save_for_backward(x2, a, b, rr, h1, ypre, n, m, bias, c if save_c else None)
-        return out
+        ctx.save_for_backward(x2, a, b, rr, h1, y2, n, m, bias, c if save_c else None)
+        return _combine(y2, h, b, s, m / n, bias).to(cd).view(y.shape)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -408,25 +309,29 @@ class _AdapterStep(torch.autograd.Function):
         layer, s = ctx.layer, ctx.layer.scaling
         _, need_xd, need_a, need_b, need_r, need_m, need_bias, _ = ctx.needs_input_grad
         x2, a, b, rr, h1, *with_magnitude = ctx.saved_tensors
-        cd, ad = h1.dtype, a.dtype
+        cd, ad = grad.dtype, a.dtype
         gy = grad.reshape(-1, grad.shape[-1])  # (N, out)
-        grad_m = grad_bias = None
-        if with_magnitude:  # out = g ⊙ ypre + bias
-            ypre, n, m, bias, c = with_magnitude
+        h = h1 if rr is None else h1 @ rr.T  # (N, r), recomputed: cheaper than keeping it
+        grad_m = grad_bias = grad_g = None
+        if with_magnitude:  # out = g ⊙ (y + s·h Bᵀ) + bias
+            y2, n, m, bias, c = with_magnitude
             g = m / n
-            grad_g = (gy * ypre).sum(0, dtype=ad)  # (out,)
-            grad_bias = gy.sum(0, dtype=bias.dtype) if need_bias else None
+            grad_y = torch.mul(gy, g, out=torch.empty_like(gy))  # (N, out), g ⊙ grad rounded once
+            if need_b or need_m or layer.exact_norm:
+                gh = norm.mm_to(gy.T, h.to(cd), ad)  # M = gradᵀ h (out, r)
+                grad_g = (gy * y2).sum(0, dtype=ad) + s * (b * gh).sum(1)  # (out,)
+            grad_b = gh.mul_(g[:, None] * s) if need_b else None
             grad_m = grad_g / n if need_m else None
-            grad_ypre = torch.mul(gy, g, out=torch.empty_like(gy))  # (N, out), g ⊙ grad rounded once
+            grad_bias = gy.sum(0, dtype=bias.dtype) if need_bias else None
+            grad_h = norm.mm_to(gy, (b * g[:, None]).to(cd), ad).mul_(s)  # (N, r)
         else:
-            grad_ypre = gy
-        h = h1 if rr is None else (h1.to(ad) @ rr.T).to(cd)  # (N, r), recomputed: cheaper than keeping it
-        grad_h = _mm(grad_ypre, b.to(cd), ad).mul_(s)  # (N, r): d/dh of s·h Bᵀ
-        grad_b = _mm(grad_ypre.T, h, ad).mul_(s) if need_b else None  # (out, r)
-        grad_r = grad_h.T @ h1.to(ad) if need_r else None  # (r, r)
+            grad_y = gy
+            grad_b = norm.mm_to(gy.T, h.to(cd), ad).mul_(s) if need_b else None  # (out, r)
+            grad_h = norm.mm_to(gy, b.to(cd), ad).mul_(s)  # (N, r): d/dh of s·h Bᵀ
+        grad_r = grad_h.T @ h1 if need_r else None  # (r, r)
         grad_h1 = grad_h if rr is None else grad_h @ rr  # (N, r)
-        grad_a = _mm(grad_h1.to(cd).T, x2, ad) if need_a else None  # (r, in)
-        xdt = ctx.xd_dtype  # in d(x)'s own dtype: under autocast no low-precision (N, in) copy to upcast
+        xdt = x2.dtype  # d(x)'s own: under autocast no low-precision (N, in) copy
+        grad_a = norm.mm_to(grad_h1.to(xdt).T, x2, ad) if need_a else None  # (r, in)
         grad_xd = (grad_h1.to(xdt) @ a.to(xdt)).view(ctx.xd_shape) if need_xd else None
         if with_magnitude and layer.exact_norm:
             # C = W Aᵀ was kept from forward when A trains; else it is cached (A frozen): no product with W here
@@ -444,7 +349,7 @@ class _AdapterStep(torch.autograd.Function):
                 grad_gram = p.T @ (p * (s * s * grad_n2)[:, None])  # (r, r)
                 blocks = layer.kind.row_blocks(layer.base_layer, ad)
                 grad_a = grad_a + norm.weight_t_times(blocks, grad_c) + (grad_gram + grad_gram.T) @ a
-        return grad_ypre.view(grad.shape), grad_xd, grad_a, grad_b, grad_r, grad_m, grad_bias, None
+        return grad_y.view(grad.shape), grad_xd, grad_a, grad_b, grad_r, grad_m, grad_bias, None
 
 
 def _residual(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, s: float) -> torch.Tensor:

@@ -17,7 +17,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from svdadapt.config import AdapterConfig
-from svdadapt.layer import AdapterLayer, base_kind, is_supported
+from svdadapt.kinds import base_kind, is_supported
+from svdadapt.layer import AdapterLayer
 from svdadapt.methods import InitContext, get_method
 from svdadapt.svd import fingerprint
 

@@ -7,7 +7,7 @@
 base), whatever W's dtype: a change of m by a part in 10⁴ must survive, so the norm cannot carry a
 bfloat16 rounding error (2⁻⁹). W enters only through row blocks: a low-precision or quantized W is
 upcast (or dequantized) a bounded block of rows at a time, never whole. Each base-layer kind supplies
-its blocks (`layer.LinearKind.row_blocks` and the quantized kinds in `quant.py`); this module owns the
+its blocks (`svdadapt.kinds`); this module owns the
 arithmetic, so a fix or a new base kind touches one place.
 """
 
@@ -88,8 +88,55 @@ def split_low_precision(a: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tens
 
 
 def weight_times_at_cuda(w: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """C = W Aᵀ (out, r) in A's dtype for a bfloat16/float16 W on CUDA: one low-precision GEMM, float32 output."""
+    """C = W Aᵀ (out, r) in A's dtype for a bfloat16/float16 W on CUDA: one low-precision GEMM, float32 output.
+
+    Any low-precision matrix can stand for W: the layer's step also takes d(x) Aᵀ this way (`times_at`)."""
     hi, lo, scale = split_low_precision(a, w.dtype)
     r = a.shape[0]
     c2 = torch.mm(w, torch.cat([hi, lo]).T, out_dtype=torch.float32)  # (out, 2r)
     return c2[:, :r].add_(c2[:, r:], alpha=scale).to(a.dtype)
+
+
+# --- float32 output from low-precision GEMMs (CUDA) -------------------------------------------
+
+_FLOAT_OUT: dict[tuple[torch.device, torch.dtype], bool] = {}  # (device, input dtype) -> probed
+
+
+def float_out_gemm(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether `torch.mm(a, b, out_dtype=torch.float32)` runs for `dtype` inputs on `device`.
+
+    Probed once per (device, dtype) with a 2 × 2 call; CUDA only (elsewhere False). A failure in a
+    real step is not caught anywhere: it propagates, an out-of-memory included.
+    """
+    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
+        return False
+    key = (torch.device(device), dtype)
+    if key not in _FLOAT_OUT and not torch.compiler.is_compiling():
+        try:
+            t = torch.ones(2, 2, dtype=dtype, device=device)
+            _FLOAT_OUT[key] = torch.mm(t, t, out_dtype=torch.float32).dtype == torch.float32
+        except (RuntimeError, TypeError, NotImplementedError):  # a torch or a GPU without float32-output GEMMs
+            _FLOAT_OUT[key] = False
+    return _FLOAT_OUT.get(key, False)
+
+
+def mm_to(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """a @ b returned in `dtype`: float32 straight from a low-precision GEMM where `float_out_gemm`, else rounded once."""
+    if a.dtype == dtype:
+        return a @ b
+    if dtype == torch.float32 and float_out_gemm(a.device, a.dtype):
+        return torch.mm(a, b, out_dtype=dtype)
+    return (a @ b).to(dtype)
+
+
+def times_at(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """x Aᵀ (N, r) in A's dtype with A at its own precision, for x (N, in) in any float dtype.
+
+    A low-precision x is exact in float32, so the product is x upcast times A; on CUDA the same to
+    2⁻¹⁷ as one low-precision GEMM against A's hi/lo split with float32 output (`weight_times_at_cuda`).
+    """
+    if x.dtype == a.dtype:
+        return x @ a.T
+    if a.dtype == torch.float32 and float_out_gemm(x.device, x.dtype):
+        return weight_times_at_cuda(x, a)
+    return x.to(a.dtype) @ a.T

@@ -18,7 +18,7 @@ effective weight Q(W_res) + s·B A is closer to W0 than Q(W0) is. Reload such an
 the dequantized weight, so that a saved adapter (compact included) reloads onto any identically
 quantized base.
 
-Kinds (see `svdadapt.layer.register_base_kind`): `weight` dequantizes; `forward` runs the quantized
+Kinds (`svdadapt.kinds`, registered from the start): `weight` dequantizes; `forward` runs the quantized
 matmul; `set_weight` re-quantizes; `merged` returns a plain `nn.Linear` (merging into a quantized base
 gives a full-precision layer: re-quantizing the merged weight would add a second rounding error;
 call `quantize_model` on the merged model if you want it quantized again). For dude/dora, whose A
@@ -32,205 +32,19 @@ the dequantized-weight reference, and the row norms use the dequantized weight.
 from __future__ import annotations
 
 import os
-import sys
 import warnings
 
 import torch
 from torch import nn
 
-from svdadapt import norm
 from svdadapt.config import AdapterConfig
-from svdadapt.layer import AdapterLayer, base_kind, register_base_kind
+from svdadapt.io import load_adapter, read_adapter
+from svdadapt.kinds import Linear4bitKind, Linear8bitKind, base_kind, bitsandbytes, is_quantized
+from svdadapt.layer import AdapterLayer
 from svdadapt.methods import get_method
+from svdadapt.model import apply, name_matches, output_heads, replace_module
 
 QUANTIZATIONS = ("nf4", "int8")
-
-
-def _bnb():
-    try:
-        import bitsandbytes as bnb
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("quantized bases need bitsandbytes: pip install 'svdadapt[quant]'") from e
-    return bnb
-
-
-def _is(module: nn.Module, cls_name: str) -> bool:
-    bnb = sys.modules.get("bitsandbytes")  # no bitsandbytes imported: no module can be one of its layers
-    return bnb is not None and isinstance(module, getattr(bnb.nn, cls_name))
-
-
-# --- NF4 / FP4 -----------------------------------------------------------------------------
-
-
-def _state4(module: nn.Module):
-    """The 4-bit weight's (data, quant_state) in the canonical layout (undo bitsandbytes' CPU packing)."""
-    p = module.weight
-    qs = p.quant_state if p.quant_state is not None else getattr(module, "quant_state", None)
-    if qs is not None and getattr(qs, "packing_format_for_cpu", False):
-        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-
-        p.data, qs = _convert_weight_packed_for_cpu_inverse(p.data, qs)
-        p.quant_state = module.quant_state = qs
-    return p.data, qs
-
-
-def _dequant4(data: torch.Tensor, qs, dtype: torch.dtype) -> torch.Tensor:
-    from bitsandbytes.functional import dequantize_4bit
-
-    return dequantize_4bit(data, qs).to(dtype)
-
-
-def _absmax4(qs) -> torch.Tensor:
-    if not qs.nested:
-        return qs.absmax
-    from bitsandbytes.functional import dequantize_blockwise
-
-    return (dequantize_blockwise(qs.absmax, qs.state2) + qs.offset).float()
-
-
-class Linear4bitKind:
-    """`bitsandbytes.nn.Linear4bit`: NF4/FP4 weight, dequantized to (out, in) in its original dtype."""
-
-    @staticmethod
-    def matches(module: nn.Module) -> bool:
-        return _is(module, "Linear4bit")
-
-    @staticmethod
-    def weight(module) -> torch.Tensor:
-        if not module.weight.bnb_quantized:
-            return module.weight.data
-        data, qs = _state4(module)
-        return _dequant4(data, qs, qs.dtype)
-
-    @staticmethod
-    def forward(module, x: torch.Tensor, bias: bool) -> torch.Tensor:
-        data, qs = _state4(module)
-        cd = module.compute_dtype or x.dtype
-        b = module.bias.to(cd) if bias and module.bias is not None else None
-        return _bnb().matmul_4bit(x.to(cd), module.weight.t(), quant_state=qs, bias=b).to(x.dtype)
-
-    @staticmethod
-    def set_weight(module, w: torch.Tensor) -> None:
-        p = module.weight
-        dtype = p.quant_state.dtype if p.bnb_quantized else p.dtype
-        new = _bnb().nn.Params4bit(
-            w.detach().to(dtype).contiguous(),
-            requires_grad=False,
-            blocksize=p.blocksize,
-            compress_statistics=p.compress_statistics,
-            quant_type=p.quant_type,
-            quant_storage=p.quant_storage,
-            module=module,
-        )
-        module.weight = new._quantize(w.device)
-
-    @staticmethod
-    def merged(module, w: torch.Tensor) -> nn.Module:
-        return _plain_linear(module, w, module.weight.quant_state.dtype)
-
-    @staticmethod
-    def row_blocks(module, dtype: torch.dtype):
-        """Dequantized row blocks of W, each (k, in) in `dtype`, never the whole W at once."""
-        data, qs = _state4(module)
-        out_f, in_f = qs.shape
-        bs = qs.blocksize
-        if in_f % bs:  # bitsandbytes' CPU dequantization of such shapes is not blockwise over rows
-            # (a row block of whole quantization blocks is then no longer a row block of W):
-            yield Linear4bitKind.weight(module).to(dtype)  # take the whole weight, as the forward does
-            return
-        k = _block_rows(out_f, in_f)
-        flat, absmax = data.reshape(-1).view(torch.uint8), _absmax4(qs)
-        from bitsandbytes.functional import QuantState
-
-        for start in range(0, out_f, k):
-            rows = min(k, out_f - start)
-            e0, n = start * in_f, rows * in_f
-            sub = QuantState(
-                absmax=absmax[e0 // bs : (e0 + n) // bs],
-                shape=torch.Size([rows, in_f]),
-                code=qs.code,
-                blocksize=bs,
-                quant_type=qs.quant_type,
-                dtype=qs.dtype,
-            )
-            yield _dequant4(flat[e0 // 2 : (e0 + n) // 2], sub, dtype)
-
-
-# --- int8 (LLM.int8()) ---------------------------------------------------------------------
-
-
-def _int8(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(CB int8 (out, in), SCB (out,)) wherever bitsandbytes keeps them, or None if not quantized."""
-    p, st = module.weight, module.state
-    cb = p.CB if p.CB is not None else st.CB
-    scb = p.SCB if p.SCB is not None else st.SCB
-    if cb is None and p.dtype == torch.int8:
-        cb = p.data
-    return None if cb is None or scb is None else (cb, scb)
-
-
-def _dequant8(cb: torch.Tensor, scb: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    # the product bitsandbytes' dequantizing matmul forms: CB · (SCB / 127), row by row
-    return cb.to(dtype).mul_(scb.unsqueeze(1).mul(1.0 / 127.0))
-
-
-class Linear8bitKind:
-    """`bitsandbytes.nn.Linear8bitLt`: row-wise absmax int8 weight, dequantized to float32 (out, in)."""
-
-    @staticmethod
-    def matches(module: nn.Module) -> bool:
-        return _is(module, "Linear8bitLt")
-
-    @staticmethod
-    def weight(module) -> torch.Tensor:
-        q = _int8(module)
-        return module.weight.data if q is None else _dequant8(*q, torch.float32)
-
-    @staticmethod
-    def forward(module, x: torch.Tensor, bias: bool) -> torch.Tensor:
-        st = module.state
-        st.is_training = module.training
-        if module.weight.CB is not None:
-            module.init_8bit_state()
-        b = module.bias if bias else None
-        out = _bnb().matmul(x, module.weight, bias=None if b is None else b.to(x.dtype), state=st)
-        if not st.has_fp16_weights and st.CB is not None:
-            module.weight.data = st.CB
-        return out
-
-    @staticmethod
-    def set_weight(module, w: torch.Tensor) -> None:
-        new = _bnb().nn.Int8Params(w.detach().to(torch.float16).contiguous(), requires_grad=False, has_fp16_weights=False)
-        module.weight = new._quantize(w.device)
-        module.state.CB = module.state.SCB = None
-
-    @staticmethod
-    def merged(module, w: torch.Tensor) -> nn.Module:
-        return _plain_linear(module, w, module.bias.dtype if module.bias is not None else torch.float32)
-
-    @staticmethod
-    def row_blocks(module, dtype: torch.dtype):
-        cb, scb = _int8(module)
-        k = _block_rows(*cb.shape)
-        for start in range(0, cb.shape[0], k):
-            yield _dequant8(cb[start : start + k], scb[start : start + k], dtype)
-
-
-def _block_rows(out_f: int, in_f: int) -> int:
-    """Rows per dequantized block: the budget of `svdadapt.norm.row_blocks`."""
-    return max(1, min(norm.BLOCK_ELEMENTS // in_f, -(-out_f // 8)))
-
-
-def _plain_linear(module: nn.Module, w: torch.Tensor, dtype: torch.dtype) -> nn.Linear:
-    out = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
-    out.weight = nn.Parameter(w.detach().to(dtype), requires_grad=False)
-    if module.bias is not None:
-        out.bias = nn.Parameter(module.bias.detach().to(dtype).clone(), requires_grad=False)
-    return out
-
-
-register_base_kind(Linear8bitKind)
-register_base_kind(Linear4bitKind)
 
 
 # --- quantizing a model --------------------------------------------------------------------
@@ -241,11 +55,6 @@ def _check_quantization(quantization: str) -> None:
         raise ValueError(f"quantization={quantization!r} is invalid: it must be one of {list(QUANTIZATIONS)} (or None for none)")
 
 
-def is_quantized(module: nn.Module) -> bool:
-    """Whether a layer (or any layer of a model) is a bitsandbytes 4-bit or int8 linear."""
-    return any(Linear4bitKind.matches(m) or Linear8bitKind.matches(m) for m in module.modules())
-
-
 def quantize_linear(linear: nn.Linear, quantization: str) -> nn.Module:
     """A bitsandbytes layer holding `linear`'s weight quantized, on the same device.
 
@@ -254,7 +63,7 @@ def quantize_linear(linear: nn.Linear, quantization: str) -> nn.Module:
     absmax from float16, outlier threshold 6.0 (`load_in_8bit=True` defaults).
     """
     _check_quantization(quantization)
-    bnb = _bnb()
+    bnb = bitsandbytes()
     w, has_bias = linear.weight.detach(), linear.bias is not None
     if w.device.type == "meta":
         raise ValueError("quantize_linear: the layer is on the meta device; load its weights first")
@@ -285,8 +94,6 @@ def quantize_linear(linear: nn.Linear, quantization: str) -> nn.Module:
 
 
 def _skipped(model: nn.Module, skip) -> set[int]:
-    from svdadapt.model import name_matches, output_heads
-
     heads = output_heads(model)
     out = set(heads)
     for name, module in model.named_modules():
@@ -313,8 +120,6 @@ def quantize_model(model: nn.Module, quantization: str, adapter_config: AdapterC
         `model`.
     """
     _check_quantization(quantization)
-    from svdadapt.model import apply, replace_module
-
     residual = adapter_config is not None and get_method(adapter_config.method).residual
     if adapter_config is not None and residual:
         apply(model, adapter_config)
@@ -343,8 +148,6 @@ def prepare_quantized(model: nn.Module, adapter_config: AdapterConfig, quantizat
     Returns:
         `model`, adapted.
     """
-    from svdadapt.model import apply
-
     if quantization is None:
         return apply(model, adapter_config)
     _check_quantization(quantization)
@@ -366,8 +169,6 @@ def load_quantized(model: nn.Module, directory: str | os.PathLike, quantization:
     full-precision model: the adapter is loaded (base rewritten to W0 − s·B0 A0), then quantized.
     A model already quantized (e.g. by transformers) is loaded onto as it is.
     """
-    from svdadapt.io import load_adapter, read_adapter
-
     if quantization is None or is_quantized(model):
         return load_adapter(model, directory)
     _check_quantization(quantization)

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from svdadapt.config import AdapterConfig
-from svdadapt.layer import base_kind
+from svdadapt.kinds import base_kind
 from svdadapt.quant import QUANTIZATIONS, quantize_linear
 from svdadapt.svd import SVDSettings, truncated_svd
 

@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from svdadapt import norm
@@ -66,8 +65,9 @@ class BankLayer(nn.Module):
         self.base_layer, self.kind, self.scaling, self.routing = layer.base_layer, layer.kind, layer.scaling, routing
         a, b = layer.lora_A.detach(), layer.lora_B.detach()
         self.r, self.out_features = a.shape[0], b.shape[0]
-        self.register_buffer("A", a.to(dtype))  # (r, in)
-        self.register_buffer("sBT", (layer.scaling * b.T).to(dtype).contiguous())  # (r, out)
+        # A and s·Bᵀ in the adapter's precision (float32): the low-rank term is never rounded on its own
+        self.register_buffer("A", a.clone())  # (r, in)
+        self.register_buffer("sBT", (layer.scaling * b.T).contiguous())  # (r, out)
         # the basis and what n needs, in the adapter's precision (float32): ‖W_i‖², C = W Aᵀ, G = A Aᵀ
         self.register_buffer("basis_A", a.clone(), persistent=False)
         self.register_buffer("basis_B", b.clone(), persistent=False)
@@ -117,16 +117,15 @@ class BankLayer(nn.Module):
         batch, shape = x.shape[0], x.shape
         rt, g = self._selected(batch)
         y = self.kind.forward(self.base_layer, x, bias=False)  # (batch, ..., out)
-        h = F.linear(x.to(self.A.dtype), self.A).reshape(batch, -1, self.r)  # (batch, T, r)
-        h = torch.bmm(h, rt)  # (batch, T, r): each sequence its own R
-        y = torch.addmm(y.reshape(-1, self.out_features), h.reshape(-1, self.r).to(y.dtype), self.sBT.to(y.dtype))
-        y = y.view(batch, -1, self.out_features)  # ypre (batch, T, out)
+        h = norm.times_at(x.reshape(-1, shape[-1]), self.A).view(batch, -1, self.r)  # (batch, T, r) in float32
+        h = torch.bmm(h, rt.to(h.dtype))  # (batch, T, r): each sequence its own R
+        y2, h2 = y.reshape(-1, self.out_features), h.view(-1, self.r)
+        z = torch.addmm(y2, h2, self.sBT) if y2.dtype == h.dtype else y2.to(h.dtype).addmm_(h2, self.sBT)  # y + s·h Bᵀ, float32
+        z = z.view(batch, -1, self.out_features).mul_(g)  # g ⊙ (y + s·h Bᵀ) (+ bias), rounded once, as AdapterLayer
         bias = getattr(self.base_layer, "bias", None)
-        if bias is None:  # g ⊙ ypre (+ bias) in float32, rounded once, as AdapterLayer
-            y = torch.mul(y, g, out=y)
-        else:
-            y = torch.addcmul(bias, y, g, out=y)
-        return y.view(*shape[:-1], self.out_features)
+        if bias is not None:
+            z.add_(bias)
+        return z.to(y.dtype).view(*shape[:-1], self.out_features)
 
 
 class AdapterBank(nn.Module):
@@ -137,7 +136,8 @@ class AdapterBank(nn.Module):
         config: the shared basis: r, alpha, target_modules, frozen_factors, singular_values_on, SVD
             settings (and seed, for random frozen factors). Every added adapter must agree with it;
             `method` may be "edora" or "loraxs", and adapters of both kinds can share one bank.
-        dtype: storage and compute dtype of R; None takes the base weights' dtype. g is kept in float32.
+        dtype: storage dtype of R (None: float32). The step computes in float32 whatever the base's dtype, and
+            rounds the output once to it, as `AdapterLayer`; g, A and B are kept in float32.
     """
 
     def __init__(self, model: nn.Module, config: AdapterConfig, dtype: torch.dtype | None = None):
@@ -154,8 +154,7 @@ class AdapterBank(nn.Module):
         for name, module in find_targets(model, config):
             layer = wrap(name, module, config)
             initialize_layer(name, layer, config)  # the shared basis: the same SVD as svdadapt.apply
-            w_dtype = next(module.parameters()).dtype
-            bank_layer = BankLayer(layer, self.routing, dtype or (w_dtype if w_dtype.is_floating_point else torch.float32))
+            bank_layer = BankLayer(layer, self.routing, dtype or torch.float32)
             self.fingerprints[name] = layer.base_fingerprint
             self.layers[name] = bank_layer
             replace_module(model, name, bank_layer)

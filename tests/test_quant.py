@@ -104,7 +104,7 @@ def test_layer_forward_equals_dequantized_reference(method, quant):
 @pytest.mark.parametrize("quant", QUANTS)
 def test_blockwise_weight_times_at_matches_dense(quant, monkeypatch):
     base = quantize_linear(torch.nn.Linear(128, 48, bias=False), quant)
-    kind = svdadapt.layer.base_kind(base)
+    kind = svdadapt.kinds.base_kind(base)
     w = kind.weight(base).float()
     a = torch.randn(6, 128, requires_grad=True)
     dc = torch.randn(48, 6)
@@ -118,7 +118,7 @@ def test_blockwise_weight_times_at_matches_dense(quant, monkeypatch):
 
 def test_set_weight_requantizes():
     base = quantize_linear(torch.nn.Linear(64, 32), "nf4")
-    kind = svdadapt.layer.base_kind(base)
+    kind = svdadapt.kinds.base_kind(base)
     target = torch.randn(32, 64)
     kind.set_weight(base, target)
     q, state = bnb.functional.quantize_4bit(target, blocksize=64, compress_statistics=False, quant_type="nf4")
