@@ -6,7 +6,9 @@
 
 Suites: `layer` (one wrapped linear per method vs the frozen base layer and peft LoRA/DoRA), `model`
 (a training step of a small Llama), `init` (SVD initialisation of a Mistral-7B-shaped model, and the
-randomized solver's error), `bank` (serving many adapters, from `svdadapt.serve` when present).
+randomized solver's error), `bank` (serving many adapters, from `svdadapt.serve` when present),
+`compile` (a `torch.compile`d training step against eager; `--compile` adds it to the chosen suites)
+and `generate` (unmerged generation against merged; `svdadapt.bench.runtime`).
 Every figure is a ratio to a reference measured in the same process; see `svdadapt.bench.common`.
 `--dtype` (layer and model suites) picks the precisions: fp32, bf16, fp16 (base and model in that
 dtype; svdadapt's factors stay float32) and autocast-bf16, autocast-fp16 (a float32 model under
@@ -24,7 +26,7 @@ import torch
 
 from svdadapt.bench.common import PRECISIONS, default_device, emulation_note
 
-SUITES = ("layer", "model", "init", "bank")
+SUITES = ("layer", "model", "init", "bank", "compile", "generate")
 DEFAULT = ("layer", "model", "init")
 
 
@@ -85,6 +87,9 @@ def targets(result: dict) -> list[dict]:
                 row["within_budget"],
                 timing=False,
             )
+    for row in result.get("generate", []):
+        add(f"generate {row['config']}: unmerged <= 1.15x merged", round(row["ratio"], 3), row["ratio"] <= 1.15)
+        add(f"generate {row['config']}: first call <= 1.10x merged's", round(row["first_ratio"], 3), row["first_ratio"] <= 1.10)
     init = result.get("init")
     if init:
         t = init["timing"]["svdadapt_randomized"]
@@ -146,6 +151,17 @@ def render(result: dict) -> str:
                     ("new_cpu_gb_s", "xxh3-128, CPU", ".2f"), ("old_gb_s", "sha256 (v1)", ".2f"), ("old_cpu_gb_s", "sha256, CPU", ".2f"),
                     ("speedup", "speed-up", ".1f")]  # fmt: skip
             parts.append(table(result["init"]["fingerprint"], cols))
+    if result.get("compile"):
+        parts.append("\n### compile: forward + backward of the model suite's Llama, torch.compile (inductor) against eager\n")
+        cols = [("dtype", "dtype", ""), ("tokens", "tokens", ""), ("config", "config", ""), ("eager_ms", "eager ms", ".1f"),
+                ("compiled_ms", "compiled ms", ".1f"), ("ratio", "compiled / eager", ".3f"), ("compile_s", "first call s", ".1f")]  # fmt: skip
+        parts.append(table(result["compile"], cols))
+    if result.get("generate"):
+        parts.append("\n### generate: greedy generation with the adapter applied (eval mode), against it merged\n")
+        cols = [("config", "config", ""), ("new_tokens", "new tokens", ""), ("merged_ms", "merged ms", ".0f"),
+                ("unmerged_ms", "unmerged ms", ".0f"), ("ratio", "unmerged / merged", ".3f"),
+                ("first_ratio", "first call, unmerged / merged", ".3f")]  # fmt: skip
+        parts.append(table(result["generate"], cols))
     if "bank" in result:
         bank = result["bank"]
         parts.append("\n### bank\n")
@@ -187,6 +203,7 @@ def _parser() -> argparse.ArgumentParser:
         "--suite", default=",".join(DEFAULT), help=f"comma-separated suites from {list(SUITES)}, or 'all' (default: %(default)s)"
     )
     p.add_argument("--quick", action="store_true", help="a small subset of every suite")
+    p.add_argument("--compile", action="store_true", help="also run the compile suite: torch.compile against eager")
     p.add_argument("--output", help="write the full result as JSON to this file")
     p.add_argument("--markdown", help="write the tables as Markdown to this file")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice, the core count)")
@@ -212,6 +229,8 @@ def cli(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     suites = SUITES if args.suite == "all" else tuple(s.strip() for s in args.suite.split(",") if s.strip())
     bad = [s for s in suites if s not in SUITES]
+    if args.compile and "compile" not in suites:
+        suites = (*suites, "compile")
     if bad or not suites:
         print(
             f"svdadapt bench: --suite {args.suite!r} names unknown suites {bad}; choose from {list(SUITES)} or 'all'",
@@ -268,6 +287,14 @@ def cli(argv: list[str]) -> int:
         result["init"] = init.suite(args.quick, log)
     if "bank" in suites:
         result["bank"] = bank_suite(args.quick)
+    if "compile" in suites:
+        from svdadapt.bench import runtime
+
+        result["compile"] = runtime.compile_suite(args.quick, log, args.clock, precisions, device)
+    if "generate" in suites:
+        from svdadapt.bench import runtime
+
+        result["generate"] = runtime.generate_suite(args.quick, log, args.clock, device)
     result["targets"] = targets(result)
     result["seconds"] = time.perf_counter() - start
     text = render(result)
