@@ -19,6 +19,7 @@ import contextlib
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from svdadapt import norm
 from svdadapt.kinds import Conv1DKind, LinearKind, base_kind
@@ -77,7 +78,8 @@ class AdapterLayer(nn.Module):
         self.init_B: torch.Tensor | None = None
         self._a_version = -1  # lora_A._version when _C and _G were computed
         self._g: torch.Tensor | None = None  # g = m / n kept by `_inference_step`, valid for _g_key
-        self._g_key: tuple | None = None
+        self._folded: tuple | None = None  # (R A, (s·g ⊙ B)ᵀ) kept by `_inference_step`, valid for _g_key
+        self._g_key: list | None = None
         self.base_fingerprint: str | None = None  # of W0, set by whoever initialises the layer
 
     # --- what the adapter owns (structural: model.py and io.py ask the layer) ---
@@ -205,30 +207,45 @@ class AdapterLayer(nn.Module):
                 "it frozen (its row norms are cached). Train the adapter's factors, or list the module in modules_to_save"
             )
         y = self.kind.forward(self.base_layer, x, bias=self.magnitude is None)  # (..., out): x Wᵀ (+ bias)
-        xd = self.dropout(x)
         dev = y.device.type
         # the step casts explicitly: autocast must not recast its float32 parts
         with torch.autocast(dev, enabled=False) if dev != "meta" and torch.is_autocast_enabled(dev) else _NO_CONTEXT:
-            if not torch.is_grad_enabled() and not self.training and not torch.compiler.is_compiling():
-                return self._inference_step(y, xd)
+            if not self.training and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+                return self._inference_step(y, x)  # eval mode: dropout is the identity
+            xd = self.dropout(x)
             return _AdapterStep.apply(y, xd, self.lora_A, self.lora_B, self.lora_R, self.magnitude, self.bias, self)
 
-    @torch.no_grad()
-    def _inference_step(self, y: torch.Tensor, xd: torch.Tensor) -> torch.Tensor:
-        """The step's forward without autograd, with g = m / n kept between calls (eval mode, gradients off):
-        generation pays for the norm once, not per token. g is recomputed when a factor or the base weight
-        is changed in place or replaced (version counters, storage), and on every return to train mode."""
-        g = None
-        if self.magnitude is not None:
-            key = tuple((t.data_ptr(), t._version) for t in (*self.factors().values(), self.base_layer.weight))
-            if self._g_key != key:
-                self._g, self._g_key = self.magnitude / self.row_norm(), key
-            g = self._g
-        x2 = xd.reshape(-1, xd.shape[-1])
-        h1 = norm.times_at(x2, self.lora_A)
-        h = h1 if self.lora_R is None else h1 @ self.lora_R.T
-        out = _combine(y.reshape(-1, y.shape[-1]), h, self.lora_B, self.scaling, g, None if g is None else self.bias)
-        return out.to(y.dtype).view(y.shape)
+    def _inference_step(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The step's forward without autograd (eval mode, gradients off), from factors folded once:
+
+            out = (g ⊙ y + bias) + (x A'ᵀ) B'ᵀ,   A' = R A (r, in),  B' = s·g ⊙ B (out, r)
+
+        in the adapter's dtype, rounded once to y's, as in training. A', B' and g = m / n are kept between
+        calls, so generation pays for the norm once, not per token, and a step is two small GEMMs and one
+        elementwise pass. They are folded again when a factor or the base weight is changed in place or
+        replaced (version counters, storage), and on every return to train mode. Called with gradients off."""
+        a, b, rr, m, w = self.lora_A, self.lora_B, self.lora_R, self.magnitude, self.base_layer.weight
+        key = [a._version, b._version, w._version, a.data_ptr(), b.data_ptr(), w.data_ptr()]
+        for t in (rr, m):
+            if t is not None:
+                key += (t._version, t.data_ptr())
+        if self._g_key != key:
+            g = None if m is None else m / self.row_norm()
+            a_eff = a if rr is None else rr @ a
+            b_eff = b * self.scaling if g is None else b * (self.scaling * g)[:, None]
+            self._g, self._folded, self._g_key = g, (a_eff, b_eff), key
+        g, (a_eff, b_eff) = self._g, self._folded
+        if x.dtype == a_eff.dtype:
+            h = F.linear(x, a_eff)  # (..., r)
+        else:  # A at its own precision, as in training
+            h = norm.times_at(x.reshape(-1, x.shape[-1]), a_eff).view(*x.shape[:-1], -1)
+        low = F.linear(h, b_eff, None if g is None else self._bias_as(a_eff.dtype))  # (..., out)
+        z = low.add_(y) if g is None else torch.addcmul(low, y, g)  # in the adapter's dtype
+        return z if z.dtype == y.dtype else z.to(y.dtype)
+
+    def _bias_as(self, dtype: torch.dtype) -> torch.Tensor | None:
+        bias = self.bias
+        return bias if bias is None or bias.dtype == dtype else bias.to(dtype)
 
     def train(self, mode: bool = True):
         self._g = self._g_key = None  # training may change factors behind the version counters (e.g. through .data)

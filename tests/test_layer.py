@@ -133,6 +133,48 @@ def test_merged_weight_equals_forward(method):
     torch.testing.assert_close(layer.merged_module()(x), layer(x), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, "autocast"])
+def test_inference_path_equals_the_training_step(method, bias, dtype):
+    """Eval mode with gradients off folds g, R A and s·g ⊙ B once; the output is the training step's."""
+    layer, _ = wrap(method, bias=bias, dtype=torch.float32 if dtype == "autocast" else dtype)
+    randomize(layer)
+    x = torch.randn(2, 5, 40, dtype=layer.base_layer.weight.dtype)
+    amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "autocast")
+    with amp:
+        step = layer(x)  # training mode, gradients on: `_AdapterStep`
+    layer.eval()
+    with torch.no_grad(), amp:
+        folded = layer(x)
+    assert folded.dtype == step.dtype and layer._folded is not None
+    tol = 1e-12 if dtype == torch.float64 else 2**-7  # bf16: the same float32 sum, rounded once, up to one ulp
+    torch.testing.assert_close(folded.float(), step.float(), rtol=tol, atol=tol)
+
+
+def test_inference_path_folds_once_and_again_after_a_change(monkeypatch):
+    layer, _ = wrap("edora")
+    randomize(layer)
+    layer.eval()
+    x = torch.randn(3, 40, dtype=torch.float64)
+    calls = []
+    real = type(layer).row_norm
+    monkeypatch.setattr(type(layer), "row_norm", lambda self: calls.append(1) or real(self))
+    with torch.no_grad():
+        first = [layer(x) for _ in range(4)]
+        assert len(calls) == 1  # the norm once for four calls
+        layer.lora_R.add_(0.1)  # in place: a new version
+        changed = layer(x)
+        layer.lora_R = nn.Parameter(layer.lora_R.detach().clone() * 2)  # replaced: new storage
+        replaced = layer(x)
+    assert len(calls) == 3
+    torch.testing.assert_close(first[-1], first[0], rtol=0, atol=0)
+    layer.train()
+    for out in (changed, replaced):  # each equals a fresh training-mode forward of the same values
+        assert not torch.allclose(out, first[0])
+    torch.testing.assert_close(replaced, layer(x).detach(), rtol=1e-12, atol=1e-12)
+
+
 def test_exact_norm_switch_changes_only_the_gradient():
     det, _ = wrap("edora", norm="detached")
     ex, _ = wrap("edora", norm="exact")

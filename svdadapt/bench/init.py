@@ -216,7 +216,12 @@ def accuracy(quick: bool, r: int = 16) -> dict:
     if real:
         errs = [reconstruction_errors(w, r, default) for _, w in (real[:6] if quick else real)]
         for stat, agg in (("median", statistics.median), ("max", max)):
-            rows.append({"matrix": f"all-MiniLM-L6-v2, {len(errs)} weights ({stat})", **{k: agg(e[i] for e in errs) for i, k in enumerate(keys)}})
+            rows.append(
+                {
+                    "matrix": f"all-MiniLM-L6-v2, {len(errs)} weights ({stat})",
+                    **{k: agg(e[i] for e in errs) for i, k in enumerate(keys)},
+                }
+            )
     return {"r": r, "oversample": default.oversample, "niter": default.niter, "rows": rows, "settings": SVDSettings.__name__}
 
 

@@ -3,8 +3,10 @@ against merged, each a ratio to its reference measured in the same process (`svd
 
 - compile: one forward + backward of the model suite's Llama per method, `torch.compile(model)`
   (inductor) against the same model eager; the first compiled call (compilation) is reported apart.
-- generate: greedy `generate` of a small Llama with an applied adapter in eval mode, against the same
-  adapter merged into plain layers: the first call (which computes g = m / n once) and the steady state.
+- generate: greedy `generate` of a SmolLM2-135M-shaped Llama with an applied adapter in eval mode,
+  against the same adapter merged into plain layers: the steady state, and the first call after the
+  adapter's kept values are dropped (it computes g = m / n and the folded factors once); peft LoRA's
+  unmerged against merged is printed beside, as the floor of an unmerged low-rank adapter.
 """
 
 from __future__ import annotations
@@ -59,13 +61,46 @@ def _train_step(model, ids, precision: Precision, device: str):
     return synchronized(step, device)
 
 
-def generate_suite(quick: bool, log=print, clock: str = "wall", device: str = "cpu") -> list[dict]:
+# SmolLM2-135M's shape (the README's model): the per-token work of unmerged generation is that of a
+# real small model, not of a toy whose layers are all dispatch overhead
+GENERATE_PLAN = {"hidden": 576, "intermediate": 1536, "layers": 30, "heads": 9, "kv_heads": 3, "vocab": 49152}
+GENERATE_QUICK = {**GENERATE_PLAN, "layers": 4}
+
+
+def generate_model(plan: dict, device: str = "cpu") -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=plan["vocab"], hidden_size=plan["hidden"], intermediate_size=plan["intermediate"],
+        num_hidden_layers=plan["layers"], num_attention_heads=plan["heads"], num_key_value_heads=plan["kv_heads"],
+        tie_word_embeddings=True,
+    )  # fmt: skip
+    return LlamaForCausalLM(cfg).to(device).eval()
+
+
+def _moved(model: torch.nn.Module, name: str) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(unmerged, merged) copies of `model` with method `name` (or "peft_lora"), every factor moved off its start."""
     import svdadapt
 
-    plan = {**QUICK, "layers": 2 if quick else 4}
-    model = base_model(plan, device=device).eval()
-    prompt = torch.randint(0, 2048, (1, 16), generator=torch.Generator().manual_seed(2)).to(device)
+    unmerged = adapted(model, name, 16).eval()
+    with torch.no_grad():  # g = m / n then differs from 1, and LoRA's B from 0
+        for p in unmerged.parameters():
+            if p.requires_grad:
+                p.mul_(1.01).add_(1e-3)
+    merged = copy.deepcopy(unmerged).merge_and_unload() if name.startswith("peft_") else svdadapt.merge(copy.deepcopy(unmerged))
+    return unmerged, merged.eval()
+
+
+def generate_suite(quick: bool, log=print, clock: str = "wall", device: str = "cpu") -> list[dict]:
+    """Steady state: median over repetitions of unmerged / merged generation. First call: the adapter's
+    kept values dropped (`model.train().eval()`, as after training), so the call folds them again; its
+    ratio is to a merged call next to it. peft LoRA unmerged against merged is the reference row."""
+    plan = GENERATE_QUICK if quick else GENERATE_PLAN
+    model = generate_model(plan, device)
+    prompt = torch.randint(0, plan["vocab"], (1, 16), generator=torch.Generator().manual_seed(2)).to(device)
     new_tokens = 16 if quick else 32
+    reps = 3 if quick else 5
 
     def generator(m):
         return synchronized(
@@ -74,23 +109,19 @@ def generate_suite(quick: bool, log=print, clock: str = "wall", device: str = "c
 
     generator(model)()  # warm the base model's kernels, so neither side's first call pays for them
     rows = []
-    for name in GENERATE_METHODS:
-        unmerged = adapted(model, name, 16).eval()
-        with torch.no_grad():  # move every factor off its start: g = m / n then differs from 1
-            for p in unmerged.parameters():
-                if p.requires_grad:
-                    p.mul_(1.01)
-        merged = svdadapt.merge(copy.deepcopy(unmerged)).eval()
+    for name in (*GENERATE_METHODS, "peft_lora"):
+        unmerged, merged = _moved(model, name)
         steps = {"merged": generator(merged), "unmerged": generator(unmerged)}
-        first = {}
-        for key in ("merged", "unmerged"):
-            t0 = time.perf_counter()
-            steps[key]()
-            first[key] = time.perf_counter() - t0
-        timing = interleaved_ratios(steps, "merged", 3 if quick else 7, warmup=0, clock=clock)
-        row = {"config": name, "new_tokens": new_tokens, "merged_ms": timing["merged"]["ms"], "unmerged_ms": timing["unmerged"]["ms"],
-               "ratio": timing["unmerged"]["ratio"], "first_merged_s": first["merged"], "first_unmerged_s": first["unmerged"],
-               "first_ratio": first["unmerged"] / first["merged"]}  # fmt: skip
+
+        def first_call(unmerged=unmerged, step=steps["unmerged"]):
+            unmerged.train().eval()  # drops what the layers keep: the next call pays for folding it
+            step()
+
+        steps["first"] = synchronized(first_call, device)
+        timing = interleaved_ratios(steps, "merged", reps, warmup=1, clock=clock)
+        row = {"config": name, "new_tokens": new_tokens, "layers": plan["layers"], "merged_ms": timing["merged"]["ms"],
+               "unmerged_ms": timing["unmerged"]["ms"], "ratio": timing["unmerged"]["ratio"],
+               "first_ms": timing["first"]["ms"], "first_ratio": timing["first"]["ratio"]}  # fmt: skip
         rows.append(row)
         log(f"generate {name}: unmerged / merged = {row['ratio']:.3f}, first call {row['first_ratio']:.3f}")
     return rows
