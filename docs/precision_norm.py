@@ -1,6 +1,10 @@
 """The row norm's error against float64 for the three ways of computing C = W Aᵀ on a bf16 weight (docs/precision.md)."""
-import torch, svdadapt
+
+import torch
+
+import svdadapt
 from svdadapt import norm
+
 torch.manual_seed(0)
 out_f, in_f, r = 1024, 4096, 16
 lin = torch.nn.Linear(in_f, out_f).to(torch.bfloat16)
@@ -11,9 +15,13 @@ with torch.no_grad():  # a trained A and B: moved by 10% of their size
     layer.lora_B.add_(torch.randn_like(layer.lora_B) * layer.lora_B.std() * 0.1)
 w64, a, b, s = layer.weight.double(), layer.lora_A.detach(), layer.lora_B.detach(), layer.scaling
 n_ref = torch.linalg.vector_norm(w64 + s * b.double() @ a.double(), dim=1)
+
+
 def err(c):
     n = norm.closed_form_norm(layer._w_sq.double(), c.double(), b.double(), b.double() @ (a.double() @ a.double().T), s)
     return ((n - n_ref).abs() / n_ref).max().item()
+
+
 c_blocks = layer._weight_times_at(a)
 c_bf16 = (layer.weight @ a.to(torch.bfloat16).T).float()  # a bf16 GEMM: A and C rounded to bf16
 hi, lo, sc = norm.split_low_precision(a, torch.bfloat16)

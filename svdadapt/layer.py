@@ -45,10 +45,10 @@ class AdapterLayer(nn.Module):
     Adapter tensors are float32 (float64 for a float64 base), whatever the base's dtype.
 
     Precision (DESIGN.md §3). The base matmul runs as the base layer runs alone, in its own dtype or
-    autocast's, and its output's dtype is the layer's output dtype. Products over tokens (x Aᵀ, h Bᵀ
-    and their gradients) run in that dtype with float32 accumulation; R, the norm, g = m / n and the
-    gradients of R and m are float32; g ⊙ ypre + bias is computed in float32 and rounded once, so a
-    change of m by a part in 10⁴ moves a bfloat16 output (g rounded to bfloat16 first would not).
+    autocast's, and its output's dtype is the layer's output dtype. x Aᵀ, h Bᵀ, R, the norm and
+    g = m / n are float32; g ⊙ (y + s·h Bᵀ) + bias is computed in float32 and rounded once, so a
+    change of m by a part in 10⁴ moves a bfloat16 output (g rounded to bfloat16 first would not). The
+    gradients of A and B (products over tokens) run in the base's dtype with float32 accumulation.
     """
 
     def __init__(
