@@ -106,6 +106,11 @@ def adapter_state(model: nn.Module, compact: bool) -> tuple[dict[str, torch.Tens
             for pname, p in module.named_parameters():
                 tensors[f"{name}.{pname}"] = p.detach()
     tensors = {k: v.to("cpu", copy=True).contiguous() for k, v in tensors.items()}
+    if bad := [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]:
+        raise ValueError(
+            f"refusing to save an adapter with non-finite values (NaN or inf) in {bad[:3]} ({len(bad)} tensors in all): "
+            "the training diverged. Save an earlier state, or train again with a lower learning rate"
+        )
     return tensors, layers
 
 

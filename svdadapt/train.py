@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from svdadapt.faults import StopOnNonFinite
 from svdadapt.methods import get_method
 from svdadapt.model import adapter_layers, apply, trainable_parameters
 from svdadapt.paths import locate, resolve_path
@@ -328,7 +329,7 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, callba
         eval_dataset=data.eval,
         data_collator=data.collator,
         compute_metrics=data.compute_metrics,
-        callbacks=list(callbacks),
+        callbacks=[StopOnNonFinite(out, recipe.training.learning_rate), *callbacks],
     )
     if checkpoint is not None and (checkpoint / CLIPPING).is_file():
         trainer.clipping = json.loads((checkpoint / CLIPPING).read_text())

@@ -62,6 +62,7 @@ def training_arguments(recipe: Recipe, has_eval: bool, resuming: bool):
         optim=t.optim,
         logging_steps=t.logging_steps,
         logging_first_step=True,
+        logging_nan_inf_filter=False,  # a non-finite loss is logged as it is (and stops the run, svdadapt.faults)
         eval_strategy=t.eval_strategy if has_eval else "no",
         eval_steps=t.eval_steps,
         eval_on_start=has_eval and t.eval_before and not resuming,
