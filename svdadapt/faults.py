@@ -1,14 +1,10 @@
-"""Faults of a long run that `svdadapt train` turns into named errors.
-
-- `StopOnNonFinite`: a Trainer callback that stops a run whose loss, gradients or trained tensors stop
-  being finite, before anything is saved from them; the error names the step and the last good checkpoint.
-- `disk_full`: turns an out-of-space `OSError` (or the error torch raises for it) into a message that
-  names the directory.
+"""A run that diverges stops by name: `StopOnNonFinite`, a Trainer callback that stops a run whose loss,
+gradients or trained tensors stop being finite, before anything is saved from them; the error names the
+step and the last good checkpoint. (A full disk is named by `svdadapt.io.reporting_disk_full`.)
 """
 
 from __future__ import annotations
 
-import errno
 import math
 from pathlib import Path
 
@@ -72,19 +68,4 @@ class StopOnNonFinite(TrainerCallback):
                 self._stop(state.global_step, f"the logged {key} ({value})")
 
 
-def is_disk_full(e: BaseException) -> bool:
-    """Whether `e` is an out-of-space error: ENOSPC or EDQUOT, or torch's writer reporting a short write."""
-    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    return isinstance(e, RuntimeError) and ("unexpected pos" in str(e) or "No space left" in str(e))
-
-
-def disk_full(directory: str | Path, e: BaseException) -> ValueError:
-    """The error for a save to `directory` that ran out of space."""
-    return ValueError(
-        f"disk full: saving to {str(directory)!r} failed ({type(e).__name__}: {str(e)[:120]}); nothing half-written was "
-        "left as complete. Free space on that disk (or pick another output_dir) and run again"
-    )
-
-
-__all__ = ["StopOnNonFinite", "TrainingDiverged", "disk_full", "is_disk_full"]
+__all__ = ["StopOnNonFinite", "TrainingDiverged"]

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -83,6 +85,55 @@ def _field_checksums(meta: dict) -> dict[str, str]:
     return {k: _digest(v) for k, v in fields.items()}
 
 
+def is_disk_full(e: BaseException) -> bool:
+    """Whether `e` is an out-of-space error: ENOSPC or EDQUOT, or torch's writer reporting a short write."""
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(e, RuntimeError) and any(s in str(e) for s in ("unexpected pos", "No space left", "file write failed"))
+
+
+@contextlib.contextmanager
+def reporting_disk_full(directory: str | os.PathLike):
+    """Turn an out-of-space error in the block into a `ValueError` that says "disk full" and names `directory`."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        if not is_disk_full(e):
+            raise
+        raise ValueError(
+            f"disk full: saving to {str(directory)!r} failed ({type(e).__name__}: {str(e)[:100]}); what was being written "
+            "is removed and nothing there counts as complete. Free space on that disk (or choose another output "
+            "directory) and run again"
+        ) from e
+
+
+_TEMPORARY = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp(?P<old>\.old)?")  # atomic_directory's names
+
+
+def is_temporary(path: Path) -> bool:
+    """Whether `path` is what a cut-short save leaves: `atomic_directory`'s temporary or a `.NAME.tmp` file."""
+    return bool(_TEMPORARY.fullmatch(path.name)) or (path.name.startswith(".") and path.name.endswith(".tmp"))
+
+
+def remove_stale_saves(directory: str | os.PathLike) -> list[str]:
+    """Clean up after saves that a kill cut short in `directory`: remove `atomic_directory`'s temporary
+    directories and `.NAME.tmp` files, and put back a replaced directory the kill left renamed aside (the
+    previous complete save) where nothing took its place. Returns what was done, one line per entry."""
+    done = []
+    for p in sorted(Path(directory).iterdir()) if Path(directory).is_dir() else ():
+        m = _TEMPORARY.fullmatch(p.name)
+        if m and p.is_dir() and m["old"] and not (p.parent / m["name"]).exists():
+            os.rename(p, p.parent / m["name"])
+            done.append(f"restored {m['name']}/ from {p.name} (a replacement cut short)")
+        elif m and p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+            done.append(f"removed {p.name} (a save cut short)")
+        elif p.name.startswith(".") and p.name.endswith(".tmp") and p.is_file():
+            p.unlink()
+            done.append(f"removed {p.name} (a write cut short)")
+    return done
+
+
 def _version() -> str:
     from svdadapt.version import __version__
 
@@ -137,7 +188,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *, compact: boo
         "tensor_checksums": {k: fingerprint(v) for k, v in sorted(tensors.items())},
     }
     meta["field_checksums"] = _field_checksums(meta)
-    with atomic_directory(directory) as tmp:
+    with reporting_disk_full(directory), atomic_directory(directory) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "svdadapt_version": _version()})
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return Path(directory)
@@ -436,7 +487,7 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
         modules_to_save=list(cfg.modules_to_save) or None,
         bias="none",
     )
-    with atomic_directory(directory) as tmp:
+    with reporting_disk_full(directory), atomic_directory(directory) as tmp:
         peft_cfg.save_pretrained(str(tmp))
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
     return Path(directory)
@@ -450,5 +501,9 @@ __all__ = [
     "read_adapter_meta",
     "check_layers",
     "atomic_directory",
+    "is_disk_full",
+    "reporting_disk_full",
+    "remove_stale_saves",
+    "is_temporary",
     "CONFIG_ATTR",
 ]

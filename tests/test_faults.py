@@ -1,5 +1,6 @@
 """The faults of a long run: divergence, a full disk, a kill mid-save, a resume with nothing to resume, a shared SVD cache."""
 
+import errno
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -21,7 +22,7 @@ def _every_saved_tensor(out: Path) -> dict:
 
 
 def test_a_diverging_run_stops_by_name_exits_2_and_saves_no_adapter(llama_dir, tmp_path, capsys):  # noqa: F811
-    recipe = llama_recipe(llama_dir, tmp_path / "run", "edora", learning_rate=1e9, max_steps=6, save_steps=2)
+    recipe = llama_recipe(llama_dir, tmp_path / "run", "edora", learning_rate=1e9, max_steps=4, save_steps=4)
     path = tmp_path / "recipe.yaml"
     path.write_text(dump_recipe(recipe))
     assert cli([str(path)]) == 2
@@ -38,19 +39,19 @@ def test_the_message_names_the_last_good_checkpoint(llama_dir, tmp_path):  # noq
 
     from svdadapt.faults import TrainingDiverged
 
-    class PoisonAfterStep3(TrainerCallback):
-        def on_step_end(self, args, state, control, model=None, **kwargs):
-            if state.global_step == 3:
+    class PoisonAfterCheckpoint1(TrainerCallback):  # the checks ran before this save; a fault after it
+        def on_save(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 1:
                 with torch.no_grad():
                     next(p for n, p in model.named_parameters() if n.endswith("lora_R")).fill_(float("inf"))
 
-    recipe = llama_recipe(llama_dir, tmp_path / "run", "edora", max_steps=8, save_steps=2, save_total_limit=None)
+    recipe = llama_recipe(llama_dir, tmp_path / "run", "edora", max_steps=3, save_steps=1, save_total_limit=None)
     with pytest.raises(
-        TrainingDiverged, match=r"diverged at step 4: the gradient of '.*' is not finite.*checkpoint is .*checkpoint-2\."
+        TrainingDiverged, match=r"diverged at step 2: the gradient of '.*' is not finite.*checkpoint is .*checkpoint-1\."
     ):
-        run(recipe, callbacks=[PoisonAfterStep3()])
+        run(recipe, callbacks=[PoisonAfterCheckpoint1()])
     out = tmp_path / "run"
-    assert [p.name for p in complete_checkpoints(out)] == ["checkpoint-2"]
+    assert [p.name for p in complete_checkpoints(out)] == ["checkpoint-1"]
     assert all(torch.isfinite(v).all() for v in _every_saved_tensor(out).values())
 
 
@@ -66,3 +67,76 @@ def test_save_adapter_refuses_non_finite_tensors(tmp_path):
     with pytest.raises(ValueError, match=r"refusing to save an adapter with non-finite values .* in \['up.R'\]"):
         svdadapt.save_adapter(model, tmp_path / "a")
     assert not (tmp_path / "a").exists() and list(tmp_path.iterdir()) == []
+
+
+# --- a full disk -----------------------------------------------------------------------------------
+
+
+def _enospc(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_disk_during_save_adapter_says_so_and_keeps_the_previous_adapter(tmp_path, monkeypatch):
+    from tiny import build
+
+    import svdadapt
+    import svdadapt.io as io
+
+    base, kw = build("custom")
+    model = svdadapt.apply(base, svdadapt.AdapterConfig(method="edora", r=4, svd_cache_dir="", **kw))
+    d = svdadapt.save_adapter(model, tmp_path / "adapter")
+    before = {f.name: f.read_bytes() for f in d.iterdir()}
+    monkeypatch.setattr(io, "save_file", _enospc)
+    with pytest.raises(ValueError, match=rf"disk full: saving to '{tmp_path / 'adapter'}' failed \(OSError: .*No space left"):
+        svdadapt.save_adapter(model, d)
+    assert {f.name: f.read_bytes() for f in d.iterdir()} == before and [p.name for p in tmp_path.iterdir()] == ["adapter"]
+
+
+def test_a_full_disk_at_the_final_save_keeps_the_checkpoint_and_resume_finishes(llama_dir, tmp_path, monkeypatch):  # noqa: F811
+    import svdadapt.io as io
+
+    recipe = llama_recipe(llama_dir, tmp_path / "run", "edora", max_steps=2, save_steps=2)
+    real = io.save_file
+    monkeypatch.setattr(io, "save_file", _enospc)
+    with pytest.raises(ValueError, match=r"disk full: saving to '.*run/adapter' failed"):
+        run(recipe)
+    out = tmp_path / "run"
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2", "recipe.yaml"]  # no adapter, no temporary
+    assert [p.name for p in complete_checkpoints(out)] == ["checkpoint-2"]
+    monkeypatch.setattr(io, "save_file", real)
+    result = run(recipe, resume=True)  # space freed: the resume saves from the intact checkpoint
+    assert (out / "adapter" / "adapter.safetensors").is_file() and (out / "metrics.json").is_file()
+    assert result.metrics["train_steps"] >= 2
+
+
+def test_a_full_disk_during_a_checkpoint_says_so_and_removes_it(llama_dir, tmp_path, monkeypatch):  # noqa: F811
+    real = torch.save
+
+    def short_write(obj, f, *a, **k):
+        if str(f).endswith("checkpoint-2/optimizer.pt"):  # what torch's writer raises when the disk fills
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1536 vs 1472")
+        return real(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", short_write)
+    recipe = llama_recipe(llama_dir, tmp_path / "run", "edora", max_steps=3, save_steps=1, save_total_limit=None)
+    with pytest.raises(ValueError, match=r"disk full: saving to '.*run/checkpoint-2' failed \(RuntimeError: .*unexpected pos"):
+        run(recipe)
+    out = tmp_path / "run"
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-1", "recipe.yaml"]
+    assert [p.name for p in complete_checkpoints(out)] == ["checkpoint-1"]
+
+
+def test_resume_with_no_complete_checkpoint_says_what_it_found(llama_dir, tmp_path):  # noqa: F811
+    recipe = llama_recipe(llama_dir, tmp_path / "run", "edora")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "recipe.yaml").write_text(dump_recipe(recipe))
+    with pytest.raises(ValueError, match=r"--resume: .* holds no complete checkpoint.*no checkpoint-\* directory.*--overwrite"):
+        run(recipe, resume=True)
+    (out / "checkpoint-4").mkdir()
+    (out / "checkpoint-4" / "model.safetensors").write_bytes(b"")
+    with pytest.raises(
+        ValueError,
+        match=r"it holds checkpoint-4 \(no svdadapt_checkpoint.json \(its save did not finish\)\); and \['recipe.yaml'\]",
+    ):
+        run(recipe, resume=True)
