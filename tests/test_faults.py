@@ -1,6 +1,7 @@
 """The faults of a long run: divergence, a full disk, a kill mid-save, a resume with nothing to resume, a shared SVD cache."""
 
 import errno
+import json
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -124,6 +125,8 @@ def test_a_full_disk_during_a_checkpoint_says_so_and_removes_it(llama_dir, tmp_p
     out = tmp_path / "run"
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint-1", "recipe.yaml"]
     assert [p.name for p in complete_checkpoints(out)] == ["checkpoint-1"]
+    listed = json.loads((out / "checkpoint-1" / "svdadapt_checkpoint.json").read_text())["files"]
+    assert {"model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json", "svdadapt_clipping.json"} <= set(listed)
 
 
 def test_resume_with_no_complete_checkpoint_says_what_it_found(llama_dir, tmp_path):  # noqa: F811
@@ -140,3 +143,82 @@ def test_resume_with_no_complete_checkpoint_says_what_it_found(llama_dir, tmp_pa
         match=r"it holds checkpoint-4 \(no svdadapt_checkpoint.json \(its save did not finish\)\); and \['recipe.yaml'\]",
     ):
         run(recipe, resume=True)
+
+
+# --- checkpoint completeness, saves cut short, --overwrite ---------------------------------------------
+
+
+def _checkpoint(out: Path, step: int) -> Path:
+    from svdadapt.trainer import write_marker
+
+    ckpt = out / f"checkpoint-{step}"
+    (ckpt / "sub").mkdir(parents=True)
+    (ckpt / "model.safetensors").write_bytes(b"weights")
+    (ckpt / "sub" / "state.pt").write_bytes(b"state")
+    write_marker(ckpt, {"step": step})
+    return ckpt
+
+
+def test_a_checkpoint_is_complete_only_with_every_file_its_marker_lists(tmp_path):
+    from svdadapt.trainer import checkpoint_state, remove_checkpoint
+
+    one, two = _checkpoint(tmp_path, 1), _checkpoint(tmp_path, 2)
+    assert json.loads((two / "svdadapt_checkpoint.json").read_text())["files"] == {"model.safetensors": 7, "sub/state.pt": 5}
+    assert complete_checkpoints(tmp_path) == [one, two]
+    (two / "model.safetensors").unlink()  # a cleanup cut short
+    assert complete_checkpoints(tmp_path) == [one]
+    assert "1 of the 2 files its marker lists missing" in checkpoint_state(two)
+    (one / "sub" / "state.pt").write_bytes(b"st")  # truncated
+    assert complete_checkpoints(tmp_path) == [] and "['sub/state.pt']" in checkpoint_state(one)
+    three = _checkpoint(tmp_path, 3)
+    import svdadapt.trainer as trainer
+
+    real = trainer.shutil.rmtree
+    trainer.shutil.rmtree = lambda *a, **k: None  # a deletion killed at once: the marker went first
+    try:
+        remove_checkpoint(three)
+    finally:
+        trainer.shutil.rmtree = real
+    assert (three / "model.safetensors").is_file() and complete_checkpoints(tmp_path) == []
+
+
+def test_saves_cut_short_are_cleaned_up_and_a_replaced_adapter_put_back(tmp_path):
+    from svdadapt.io import remove_stale_saves
+    from svdadapt.train import _remove_unfinished_checkpoints
+
+    (tmp_path / ".adapter.k2j_x9qa.tmp").mkdir()  # a save killed while writing
+    (tmp_path / ".adapter_full.ab12cd34.tmp.old").mkdir()  # killed between its two renames: the previous save
+    (tmp_path / ".adapter_full.ab12cd34.tmp.old" / "adapter.safetensors").write_bytes(b"x")
+    (tmp_path / ".metrics.json.tmp").write_text("{")
+    (tmp_path / "checkpoint-6").mkdir()  # no marker
+    kept = _checkpoint(tmp_path, 4)
+    done = remove_stale_saves(tmp_path) + _remove_unfinished_checkpoints(tmp_path)
+    assert len(done) == 4 and "restored adapter_full/" in " ".join(done)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_full", "checkpoint-4"]
+    assert (tmp_path / "adapter_full" / "adapter.safetensors").read_bytes() == b"x" and complete_checkpoints(tmp_path) == [kept]
+
+
+def test_overwrite_removes_only_a_directory_that_looks_like_a_run(llama_dir, tmp_path):  # noqa: F811
+    from svdadapt.train import check_output_dir
+
+    out = tmp_path / "run"
+    recipe = llama_recipe(llama_dir, out, "edora")
+    out.mkdir()
+    (out / "thesis.tex").write_text("years of work")
+    with pytest.raises(
+        ValueError, match=r"--overwrite: .* does not look like an svdadapt run .*\['thesis.tex'\]\), so it is not removed"
+    ):
+        check_output_dir(recipe, resume=False, overwrite=True)
+    (out / "recipe.yaml").write_text("just: a file\n")
+    with pytest.raises(ValueError, match="does not look like an svdadapt run"):
+        check_output_dir(recipe, resume=False, overwrite=True)
+    (out / "thesis.tex").unlink()
+    (out / "recipe.yaml").write_text(dump_recipe(llama_recipe(llama_dir, out, "dude")))  # another recipe's run
+    assert check_output_dir(recipe, resume=False, overwrite=True) is None
+    (out / ".git").mkdir()
+    with pytest.raises(ValueError, match="does not look like an svdadapt run"):
+        check_output_dir(recipe, resume=False, overwrite=True)
+    empty = tmp_path / "left"
+    empty.mkdir()
+    (empty / ".recipe.yaml.tmp").write_text("")  # only what a kill left: as empty
+    assert check_output_dir(llama_recipe(llama_dir, empty, "edora"), resume=False, overwrite=True) is None
