@@ -222,3 +222,31 @@ def test_overwrite_removes_only_a_directory_that_looks_like_a_run(llama_dir, tmp
     empty.mkdir()
     (empty / ".recipe.yaml.tmp").write_text("")  # only what a kill left: as empty
     assert check_output_dir(llama_recipe(llama_dir, empty, "edora"), resume=False, overwrite=True) is None
+
+
+# --- one SVD cache, two processes ---------------------------------------------------------------------
+
+
+def test_two_processes_filling_one_svd_cache_entry_never_read_a_partial_one(tmp_path):
+    import multiprocessing as mp
+
+    import cache_worker
+
+    from svdadapt import svd as S
+
+    S._store(tmp_path / "entry", 128, *S.truncated_svd(cache_worker.weight(), 128, S.SVDSettings(cache_dir="")))
+    ctx = mp.get_context("spawn")
+    go, result = ctx.Event(), ctx.Queue()
+    procs = [
+        ctx.Process(target=cache_worker.writer, args=(str(tmp_path), 150, go)),
+        ctx.Process(target=cache_worker.reader, args=(str(tmp_path), 400, go, result)),
+    ]
+    for p in procs:
+        p.start()
+    go.set()
+    reads, missing, wrong = result.get(timeout=120)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert reads > 0 and missing == 0 and wrong == 0, (reads, missing, wrong)
+    assert [p.name for p in (tmp_path / "entry").iterdir()] == ["r128.safetensors"]  # no temporary left
