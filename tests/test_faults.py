@@ -234,16 +234,15 @@ def test_two_processes_filling_one_svd_cache_entry_never_read_a_partial_one(tmp_
 
     from svdadapt import svd as S
 
-    S._store(tmp_path / "entry", 128, *S.truncated_svd(cache_worker.weight(), 128, S.SVDSettings(cache_dir="")))
+    S._store(tmp_path / "entry", 128, *cache_worker.factors())
     ctx = mp.get_context("spawn")
-    go, result = ctx.Event(), ctx.Queue()
+    go, done, result = ctx.Barrier(2), ctx.Event(), ctx.Queue()  # both start together
     procs = [
-        ctx.Process(target=cache_worker.writer, args=(str(tmp_path), 150, go)),
-        ctx.Process(target=cache_worker.reader, args=(str(tmp_path), 400, go, result)),
+        ctx.Process(target=cache_worker.writer, args=(str(tmp_path), 300, go, done)),
+        ctx.Process(target=cache_worker.reader, args=(str(tmp_path), go, done, result)),
     ]
     for p in procs:
         p.start()
-    go.set()
     reads, missing, wrong = result.get(timeout=120)
     for p in procs:
         p.join(timeout=60)
