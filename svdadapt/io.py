@@ -4,15 +4,24 @@ An adapter directory holds `adapter_config.json` (svdadapt version, the `Adapter
 base weight is rewritten, and per wrapped layer its shape and base-weight fingerprint) and
 `adapter.safetensors`. The full form stores every adapter tensor; the compact form stores only what
 trained (R and m for edora) and rebuilds the frozen factors from the base weights on load.
+
+The config file also carries a checksum of every tensor (`tensor_checksums`) and of every field that
+says how to read them (`field_checksums`: each config value, `compact`, `modules_to_save`, `layers`),
+so a damaged tensor, an edited value or a deleted fingerprint is refused by name on load. They detect
+damage and edits, not deliberate forgery. Files written before them load with one warning.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import errno
 import json
 import os
+import re
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -28,6 +37,19 @@ from svdadapt.svd import fingerprint, fingerprint_matches
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter.safetensors"
 FORMAT = 1
+META_KEYS = (
+    "svdadapt_version",
+    "format",
+    "compact",
+    "base_model",
+    "base_rewritten",
+    "config",
+    "layers",
+    "modules_to_save",
+    "tensor_checksums",
+    "field_checksums",
+)
+_SEALED = ("compact", "base_rewritten", "modules_to_save", "layers")  # with every config.<key>
 
 
 @contextlib.contextmanager
@@ -48,6 +70,68 @@ def atomic_directory(directory: str | os.PathLike):
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _digest(value) -> str:
+    """A checksum of a JSON value (xxh3, 64 bits, of its canonical JSON text)."""
+    import xxhash
+
+    return xxhash.xxh3_64_hexdigest(json.dumps(value, sort_keys=True, separators=(",", ":")).encode())
+
+
+def _field_checksums(meta: dict) -> dict[str, str]:
+    fields = {k: meta.get(k) for k in _SEALED}
+    fields.update({f"config.{k}": v for k, v in (meta.get("config") or {}).items()})
+    return {k: _digest(v) for k, v in fields.items()}
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """Whether `e` is an out-of-space error: ENOSPC or EDQUOT, or torch's writer reporting a short write."""
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(e, RuntimeError) and any(s in str(e) for s in ("unexpected pos", "No space left", "file write failed"))
+
+
+@contextlib.contextmanager
+def reporting_disk_full(directory: str | os.PathLike):
+    """Turn an out-of-space error in the block into a `ValueError` that says "disk full" and names `directory`."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        if not is_disk_full(e):
+            raise
+        raise ValueError(
+            f"disk full: saving to {str(directory)!r} failed ({type(e).__name__}: {str(e)[:100]}); what was being written "
+            "is removed and nothing there counts as complete. Free space on that disk (or choose another output "
+            "directory) and run again"
+        ) from e
+
+
+_TEMPORARY = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp(?P<old>\.old)?")  # atomic_directory's names
+
+
+def is_temporary(path: Path) -> bool:
+    """Whether `path` is what a cut-short save leaves: `atomic_directory`'s temporary or a `.NAME.tmp` file."""
+    return bool(_TEMPORARY.fullmatch(path.name)) or (path.name.startswith(".") and path.name.endswith(".tmp"))
+
+
+def remove_stale_saves(directory: str | os.PathLike) -> list[str]:
+    """Clean up after saves that a kill cut short in `directory`: remove `atomic_directory`'s temporary
+    directories and `.NAME.tmp` files, and put back a replaced directory the kill left renamed aside (the
+    previous complete save) where nothing took its place. Returns what was done, one line per entry."""
+    done = []
+    for p in sorted(Path(directory).iterdir()) if Path(directory).is_dir() else ():
+        m = _TEMPORARY.fullmatch(p.name)
+        if m and p.is_dir() and m["old"] and not (p.parent / m["name"]).exists():
+            os.rename(p, p.parent / m["name"])
+            done.append(f"restored {m['name']}/ from {p.name} (a replacement cut short)")
+        elif m and p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+            done.append(f"removed {p.name} (a save cut short)")
+        elif p.name.startswith(".") and p.name.endswith(".tmp") and p.is_file():
+            p.unlink()
+            done.append(f"removed {p.name} (a write cut short)")
+    return done
 
 
 def _version() -> str:
@@ -73,6 +157,11 @@ def adapter_state(model: nn.Module, compact: bool) -> tuple[dict[str, torch.Tens
             for pname, p in module.named_parameters():
                 tensors[f"{name}.{pname}"] = p.detach()
     tensors = {k: v.to("cpu", copy=True).contiguous() for k, v in tensors.items()}
+    if bad := [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]:
+        raise ValueError(
+            f"refusing to save an adapter with non-finite values (NaN or inf) in {bad[:3]} ({len(bad)} tensors in all): "
+            "the training diverged. Save an earlier state, or train again with a lower learning rate"
+        )
     return tensors, layers
 
 
@@ -96,8 +185,10 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *, compact: boo
         "config": cfg.to_dict(),
         "layers": layers,
         "modules_to_save": [n for n, _ in find_modules_to_save(model, cfg.modules_to_save)],
+        "tensor_checksums": {k: fingerprint(v) for k, v in sorted(tensors.items())},
     }
-    with atomic_directory(directory) as tmp:
+    meta["field_checksums"] = _field_checksums(meta)
+    with reporting_disk_full(directory), atomic_directory(directory) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "svdadapt_version": _version()})
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return Path(directory)
@@ -111,28 +202,116 @@ def read_adapter_meta(directory: str | os.PathLike) -> tuple[dict, AdapterConfig
     for f in (CONFIG_FILE, WEIGHTS_FILE):
         if not (d / f).is_file():
             raise ValueError(f"adapter directory {str(d)!r} has no {f}; it is incomplete: save the adapter again")
+    path = d / CONFIG_FILE
     try:
-        meta = json.loads((d / CONFIG_FILE).read_text())
+        meta = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{d / CONFIG_FILE} is not valid JSON ({e}); the file is damaged: save the adapter again") from None
-    for key in ("config", "layers"):
-        if key not in meta:
-            raise ValueError(f"{d / CONFIG_FILE} has no {key!r} entry: it was not written by svdadapt.save_adapter")
-    if meta.get("format", FORMAT) > FORMAT:
+        raise ValueError(f"{path} is not valid JSON ({e}); the file is damaged: save the adapter again") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path} holds a JSON {type(meta).__name__}, not an object: it was not written by svdadapt.save_adapter")
+    _check_format(meta, path)
+    if unknown := sorted(set(meta) - set(META_KEYS)):
         raise ValueError(
-            f"{d / CONFIG_FILE} has format {meta['format']} from svdadapt {meta.get('svdadapt_version')}; upgrade svdadapt to read it"
+            f"{path} has unknown entries {unknown}; this svdadapt writes only {list(META_KEYS)}. "
+            "Remove them if they were added by hand, or upgrade svdadapt if a newer one wrote the file"
         )
-    return meta, AdapterConfig.from_dict(meta["config"], source=str(d / CONFIG_FILE))
+    for key, kind in (("config", dict), ("layers", dict)):
+        if key not in meta:
+            raise ValueError(f"{path} has no {key!r} entry: it was not written by svdadapt.save_adapter")
+        if not isinstance(meta[key], kind):
+            raise ValueError(
+                f"{path}: {key!r} is {json.dumps(meta[key])[:40]}, it must be an object (as save_adapter writes it); "
+                "the file was edited or damaged: save the adapter again"
+            )
+    for name, info in meta["layers"].items():
+        if not isinstance(info, dict) or not isinstance(info.get("shape"), list) or len(info["shape"]) != 2:
+            raise ValueError(f"{path}: layers[{name!r}] must be an object with a two-entry 'shape'; save the adapter again")
+    names = {f.name for f in dataclasses.fields(AdapterConfig)}
+    if unknown := sorted(set(meta["config"]) - names):
+        raise ValueError(
+            f"{path}: the config has unknown keys {unknown}; known keys: {sorted(names)}. Remove them if they were "
+            "added by hand, or upgrade svdadapt if a newer one wrote the file"
+        )
+    _check_fields(meta, path)
+    return meta, AdapterConfig.from_dict(meta["config"], source=str(path))
+
+
+def _check_format(meta: dict, path: Path) -> None:
+    fmt = meta.get("format", FORMAT)
+    if not isinstance(fmt, int) or isinstance(fmt, bool) or fmt < 1:
+        raise ValueError(
+            f"{path}: format {fmt!r} is not a format number (a whole number >= 1; this svdadapt writes {FORMAT}); "
+            "the file was edited or damaged: save the adapter again"
+        )
+    if fmt > FORMAT:
+        raise ValueError(f"{path} has format {fmt} from svdadapt {meta.get('svdadapt_version')}; upgrade svdadapt to read it")
+
+
+def _check_fields(meta: dict, path: Path) -> None:
+    """Refuse config values, flags and layer entries changed since the save (their checksums differ)."""
+    saved = meta.get("field_checksums")
+    if saved is None:
+        if "tensor_checksums" in meta:
+            raise ValueError(f"{path} has tensor_checksums but no field_checksums: the file was edited; save the adapter again")
+        warnings.warn(
+            f"{path} has no checksums (saved by svdadapt before they were written): damaged tensors, edited config "
+            "values and deleted fingerprints cannot be detected. Save the adapter again to add them",
+            stacklevel=3,
+        )
+        return
+    now = _field_checksums(meta)
+    changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    if not changed:
+        return
+    if "layers" in changed and (gone := [n for n, info in meta["layers"].items() if info.get("fingerprint") is None]):
+        raise ValueError(
+            f"{path}: the base-model fingerprints of layers {gone[:3]} ({len(gone)} in all) were deleted after saving, so the "
+            "base model could not be checked. Restore the file from its source or save the adapter again"
+        )
+    what = "; ".join(f"{k} = {json.dumps(_field(meta, k))[:60]}" if k in now else f"{k} was removed" for k in changed)
+    raise ValueError(
+        f"{path}: {what}: changed after the adapter was saved (the value does not match its checksum), so the tensors "
+        "would be read with settings they were not trained with. Restore the saved value, or save the adapter again"
+    )
+
+
+def _field(meta: dict, key: str):
+    return meta["config"].get(key[len("config.") :]) if key.startswith("config.") else meta.get(key)
 
 
 def read_adapter(directory: str | os.PathLike) -> tuple[dict, AdapterConfig, dict[str, torch.Tensor]]:
-    """Read and check an adapter directory's files; raises `ValueError` naming what is wrong."""
+    """Read and check an adapter directory's files; raises `ValueError` naming what is wrong.
+
+    Every tensor must match its checksum (when the file has them) and be finite."""
     d = Path(directory)
     meta, cfg = read_adapter_meta(d)
+    f = d / WEIGHTS_FILE
     try:
-        tensors = load_file(str(d / WEIGHTS_FILE))
+        tensors = load_file(str(f))
     except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"{d / WEIGHTS_FILE} is truncated or corrupted ({e}); save the adapter again") from None
+        raise ValueError(f"{f} is truncated or corrupted ({e}); save the adapter again") from None
+    sums = meta.get("tensor_checksums")
+    if sums is not None:
+        if missing := sorted(set(sums) - set(tensors)):
+            raise ValueError(
+                f"{f} lacks tensors {missing[:5]} ({len(missing)} in all) that {CONFIG_FILE} lists; save the adapter again"
+            )
+        if extra := sorted(set(tensors) - set(sums)):
+            raise ValueError(
+                f"{f} holds tensors {extra[:5]} ({len(extra)} in all) that {CONFIG_FILE} does not list: added after saving. "
+                "Remove them, or save the adapter again"
+            )
+        if bad := [k for k in sorted(tensors) if fingerprint(tensors[k]) != sums[k]]:
+            raise ValueError(
+                f"{f}: tensor {bad[0]!r} ({len(bad)} in all) does not match its checksum: the file is damaged. "
+                "Copy it again from its source, or save the adapter again"
+            )
+    for k in sorted(tensors):
+        if tensors[k].is_floating_point() and not (finite := torch.isfinite(tensors[k])).all():
+            raise ValueError(
+                f"{f}: tensor {k!r} has {int((~finite).sum())} non-finite values (NaN or inf), so the model would output "
+                "NaN. The training that wrote it diverged: use an earlier checkpoint, or train again with a lower learning rate"
+            )
     return meta, cfg, tensors
 
 
@@ -202,6 +381,24 @@ def _mismatch(directory: Path, name: str, w: torch.Tensor, saved: str) -> str:
     )
 
 
+def _extra_tensors(d: Path, meta: dict, cfg: AdapterConfig, extra: list[str]) -> str:
+    """The error for tensors the config does not account for: says which config entry contradicts them."""
+    f = d / WEIGHTS_FILE
+    frozen = [k for k in extra if k.rsplit(".", 1)[0] in meta["layers"]]
+    if frozen and meta.get("compact"):
+        return (
+            f"{f} holds {frozen[:3]} ({len(frozen)} in all), the frozen factors a full save stores, but {CONFIG_FILE} says "
+            "compact: true, so they would be ignored and rebuilt. Set compact to false, or save the adapter again"
+        )
+    if frozen:
+        return f"{f} holds tensors {frozen[:3]} that method {cfg.method!r} does not have; save the adapter again"
+    return (
+        f"{f} holds tensors {extra[:3]} ({len(extra)} in all) of no wrapped layer and no module of modules_to_save "
+        f"(config.modules_to_save = {list(cfg.modules_to_save)}), so a trained head would be dropped. Restore "
+        "modules_to_save to the modules these tensors belong to, or save the adapter again"
+    )
+
+
 def load_adapter(model: nn.Module, directory: str | os.PathLike, *, check_fingerprint: bool = True) -> nn.Module:
     """Apply the adapter saved in `directory` to the unmodified base `model`, in place.
 
@@ -235,6 +432,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, *, check_finger
         raise ValueError(
             f"{d / WEIGHTS_FILE} lacks tensors {missing[:5]} ({len(missing)} in all); the file does not match its config"
         )
+    if extra := sorted(set(tensors) - set(shapes)):
+        raise ValueError(_extra_tensors(d, meta, cfg, extra))
     for k, shape in shapes.items():
         if tuple(tensors[k].shape) != tuple(shape):
             raise ValueError(f"{d / WEIGHTS_FILE}: tensor {k!r} has shape {tuple(tensors[k].shape)}, expected {tuple(shape)}")
@@ -288,7 +487,7 @@ def export_peft(model: nn.Module, directory: str | os.PathLike) -> Path:
         modules_to_save=list(cfg.modules_to_save) or None,
         bias="none",
     )
-    with atomic_directory(directory) as tmp:
+    with reporting_disk_full(directory), atomic_directory(directory) as tmp:
         peft_cfg.save_pretrained(str(tmp))
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
     return Path(directory)
@@ -302,5 +501,9 @@ __all__ = [
     "read_adapter_meta",
     "check_layers",
     "atomic_directory",
+    "is_disk_full",
+    "reporting_disk_full",
+    "remove_stale_saves",
+    "is_temporary",
     "CONFIG_ATTR",
 ]

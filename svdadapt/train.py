@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from svdadapt.faults import StopOnNonFinite
+from svdadapt.io import is_temporary, remove_stale_saves, reporting_disk_full
 from svdadapt.methods import get_method
 from svdadapt.model import adapter_layers, apply, trainable_parameters
 from svdadapt.paths import locate, resolve_path
@@ -34,6 +36,7 @@ from svdadapt.trainer import (
     CLIPPING,
     COMPLETE,
     AdapterTrainer,
+    checkpoint_state,
     complete_checkpoints,
     param_groups,
     restart_clock_after_first_evaluation,
@@ -66,7 +69,16 @@ def check_output_dir(recipe: Recipe, resume: bool, overwrite: bool) -> Path | No
     import yaml
 
     out = Path(recipe.output_dir)
-    if overwrite or not out.exists() or not any(out.iterdir()):
+    if not out.exists() or all(is_temporary(p) for p in out.iterdir()):  # empty, or left by a save cut short
+        return None
+    if overwrite:
+        if not looks_like_run(out):
+            entries = sorted(p.name for p in out.iterdir())
+            raise ValueError(
+                f"--overwrite: output directory {str(out)!r} does not look like an svdadapt run (no recipe.yaml written by "
+                f"svdadapt train; it holds {entries[:6]}{' ...' if len(entries) > 6 else ''}), so it is not removed. "
+                "Pick another --output-dir, or empty it yourself"
+            )
         return None
     saved = out / "recipe.yaml"
     if not saved.is_file():
@@ -86,7 +98,24 @@ def check_output_dir(recipe: Recipe, resume: bool, overwrite: bool) -> Path | No
             f"output directory {str(out)!r} already holds this run; pass --resume to continue it or --overwrite to start over"
         )
     done = complete_checkpoints(out)
-    return done[-1] if done else None
+    if not done:
+        raise ValueError(
+            f"--resume: output directory {str(out)!r} holds no complete checkpoint to continue from; it holds "
+            f"{_describe_run(out)}. Pass --overwrite to start the run again from step 0"
+        )
+    return done[-1]
+
+
+def _describe_run(out: Path) -> str:
+    """What a run directory holds, for a message: its checkpoints (and what each lacks) and other entries."""
+    parts = []
+    for ckpt in sorted(out.glob("checkpoint-*")):
+        lacks = checkpoint_state(ckpt)
+        parts.append(f"{ckpt.name} ({'complete' if lacks is None else lacks})")
+    if not parts:
+        parts.append("no checkpoint-* directory (training.save_strategy / save_steps decide when they are written)")
+    others = sorted(p.name for p in out.iterdir() if not p.name.startswith("checkpoint-"))
+    return "; ".join(parts) + (f"; and {others[:6]}" if others else "")
 
 
 # --- model and optimiser ----------------------------------------------------------------------
@@ -288,6 +317,37 @@ def _save_adapters(model, out: Path, base: str, is_main: bool) -> None:
         shutil.rmtree(target, ignore_errors=True)
 
 
+def _remove_unfinished_checkpoints(out: Path) -> list[str]:
+    """Remove checkpoint directories without a marker: a save that a kill cut short, never resumed from."""
+    done = []
+    for ckpt in sorted(out.glob("checkpoint-*")):
+        if ckpt.is_dir() and not (ckpt / COMPLETE).exists():
+            shutil.rmtree(ckpt, ignore_errors=True)
+            done.append(f"removed {ckpt.name} (its save did not finish)")
+    return done
+
+
+def looks_like_run(out: Path) -> bool:
+    """Whether `out` holds an svdadapt run: a recipe.yaml with an adapter section, and is no repository."""
+    import yaml
+
+    try:
+        saved = yaml.safe_load((out / "recipe.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(saved, dict) and "adapter" in saved and not (out / ".git").exists()
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write `path` through a temporary file and a rename: a failed write leaves no half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, callbacks=()) -> RunResult:
     """Train the recipe; see the module docstring for what the output directory receives."""
     from svdadapt.data import build_data
@@ -318,8 +378,11 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, callba
         if args.process_index == 0:
             if overwrite and out.exists():
                 shutil.rmtree(out)
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "recipe.yaml").write_text(dump_recipe(recipe))
+            for line in remove_stale_saves(out) + _remove_unfinished_checkpoints(out):
+                print(f"svdadapt train: {out}: {line}", flush=True)
+            with reporting_disk_full(out):
+                out.mkdir(parents=True, exist_ok=True)
+                write_atomically(out / "recipe.yaml", dump_recipe(recipe))
     trainer = AdapterTrainer(
         recipe=recipe,
         model=model,
@@ -328,7 +391,7 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, callba
         eval_dataset=data.eval,
         data_collator=data.collator,
         compute_metrics=data.compute_metrics,
-        callbacks=list(callbacks),
+        callbacks=[StopOnNonFinite(out, recipe.training.learning_rate), *callbacks],
     )
     if checkpoint is not None and (checkpoint / CLIPPING).is_file():
         trainer.clipping = json.loads((checkpoint / CLIPPING).read_text())
@@ -351,7 +414,8 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, callba
         metrics["test_predictions"] = compact_predictions(test.predictions, test.label_ids)
     _save_adapters(model, out, recipe.model.name_or_path, args.process_index == 0)
     if args.process_index == 0:
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        with reporting_disk_full(out):
+            write_atomically(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         before, final = metrics["before"], metrics["final"]
         shown = ", ".join(
             f"{k} {before[k]:.4f} -> {v:.4f}" if k in before else f"{k} {v:.4f}" for k, v in final.items() if isinstance(v, float)

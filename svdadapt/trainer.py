@@ -21,6 +21,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_callback import ProgressCallback
 
+from svdadapt.io import reporting_disk_full
 from svdadapt.model import adapter_config, adapter_layers, find_modules_to_save
 from svdadapt.recipe import Recipe
 
@@ -28,10 +29,39 @@ COMPLETE = "svdadapt_checkpoint.json"  # written into a checkpoint once every fi
 CLIPPING = "svdadapt_clipping.json"  # in a checkpoint: the gradient-clipping counts so far
 
 
+def checkpoint_state(ckpt: Path) -> str | None:
+    """None if checkpoint directory `ckpt` is complete, else what it lacks: no marker, or files its marker lists."""
+    try:
+        marker = json.loads((ckpt / COMPLETE).read_text())
+    except FileNotFoundError:
+        return f"no {COMPLETE} (its save did not finish)"
+    except (OSError, ValueError):
+        return f"an unreadable {COMPLETE}"
+    files = marker.get("files") if isinstance(marker, dict) else None
+    if files is None:  # a marker written before markers listed their files
+        return None
+    gone = sorted(f for f, size in files.items() if not (ckpt / f).is_file() or (ckpt / f).stat().st_size != size)
+    return f"{len(gone)} of the {len(files)} files its marker lists missing or of another size ({gone[:3]})" if gone else None
+
+
 def complete_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Checkpoints whose save finished (they hold the marker file), oldest first."""
-    found = [p for p in Path(output_dir).glob("checkpoint-*") if (p / COMPLETE).is_file() and p.name.split("-")[-1].isdigit()]
+    """Checkpoints whose save finished (the marker is there and so is every file it lists), oldest first."""
+    found = [p for p in Path(output_dir).glob("checkpoint-*") if p.name.split("-")[-1].isdigit() and checkpoint_state(p) is None]
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def write_marker(ckpt: Path, info: dict) -> None:
+    """Mark `ckpt` complete, listing every file in it (relative path -> size); written last, atomically."""
+    files = {str(f.relative_to(ckpt)): f.stat().st_size for f in sorted(ckpt.rglob("*")) if f.is_file() and f.name != COMPLETE}
+    tmp = ckpt / (COMPLETE + ".tmp")
+    tmp.write_text(json.dumps({**info, "files": files}) + "\n")
+    tmp.replace(ckpt / COMPLETE)
+
+
+def remove_checkpoint(ckpt: Path) -> None:
+    """Delete a checkpoint, its marker first: a deletion cut short never leaves a complete-looking checkpoint."""
+    (ckpt / COMPLETE).unlink(missing_ok=True)
+    shutil.rmtree(ckpt, ignore_errors=True)
 
 
 def training_arguments(recipe: Recipe, has_eval: bool, resuming: bool):
@@ -62,6 +92,7 @@ def training_arguments(recipe: Recipe, has_eval: bool, resuming: bool):
         optim=t.optim,
         logging_steps=t.logging_steps,
         logging_first_step=True,
+        logging_nan_inf_filter=False,  # a non-finite loss is logged as it is (and stops the run, svdadapt.faults)
         eval_strategy=t.eval_strategy if has_eval else "no",
         eval_steps=t.eval_steps,
         eval_on_start=has_eval and t.eval_before and not resuming,
@@ -232,17 +263,22 @@ class AdapterTrainer(Trainer):
         self.accelerator.wait_for_everyone()
         limit, self.args.save_total_limit = self.args.save_total_limit, None
         try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self.args.save_total_limit = limit
-        self.accelerator.wait_for_everyone()
+            with reporting_disk_full(ckpt):
+                try:
+                    super()._save_checkpoint(model, trial)
+                finally:
+                    self.args.save_total_limit = limit
+                self.accelerator.wait_for_everyone()
+                if self.args.should_save:
+                    (ckpt / CLIPPING).write_text(json.dumps(self.clipping) + "\n")  # before the marker: part of the checkpoint
+                    write_marker(ckpt, {"step": self.state.global_step, "train_cpu_s": self.cpu_seconds()})
+        except ValueError:
+            if self.args.should_save:  # the disk is full: the half-written checkpoint is removed, never resumed from
+                shutil.rmtree(ckpt, ignore_errors=True)
+            raise
         if self.args.should_save:
-            (ckpt / CLIPPING).write_text(json.dumps(self.clipping) + "\n")  # before the marker: part of the checkpoint
-            tmp = ckpt / (COMPLETE + ".tmp")
-            tmp.write_text(json.dumps({"step": self.state.global_step, "train_cpu_s": self.cpu_seconds()}) + "\n")
-            tmp.replace(ckpt / COMPLETE)
             for old in complete_checkpoints(run_dir)[: -limit if limit else 0]:
-                shutil.rmtree(old, ignore_errors=True)
+                remove_checkpoint(old)
 
 
 class _Progress(ProgressCallback):
