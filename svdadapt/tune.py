@@ -69,7 +69,7 @@ def widened(rates: list[float], best: float, step: float | None = None) -> float
 def check_held_out(recipe) -> None:
     """Refuse a recipe whose evaluation set is not held out of training: tune must never select on dev/test."""
     d = recipe.data
-    if d.kind == "glue" and not (d.validation_fraction or getattr(d, "validation_size", 0)):
+    if d.kind == "glue" and not (d.validation_fraction or d.validation_size):
         raise ValueError(
             "data.validation_fraction is 0, so the recipe evaluates on GLUE dev; tune selects on a validation split "
             "held out of training: add --set data.validation_fraction=0.2 (dev is then scored once, after training)"
