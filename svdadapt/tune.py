@@ -108,6 +108,20 @@ def budget_sets(recipe, fraction: float) -> list[str]:
     return [f"training.num_train_epochs={fraction * t.num_train_epochs}"]
 
 
+def _check_candidate(recipe, run_dir: Path) -> None:
+    """A finished candidate is reused only if it ran this recipe; raises `ValueError` naming the keys otherwise."""
+    import dataclasses
+
+    from svdadapt.train import check_output_dir
+
+    if (run_dir / "metrics.json").is_file() and (run_dir / "recipe.yaml").is_file():
+        try:
+            check_output_dir(dataclasses.replace(recipe, output_dir=str(run_dir)), resume=True, overwrite=False)
+        except ValueError as e:
+            text = str(e).replace("pick another --output-dir, or pass --overwrite to replace it", "give tune another --output")
+            raise ValueError(f"finished candidate of another tune: {text}") from None
+
+
 def _name(rate: float) -> str:
     return f"lr-{rate:g}"
 
@@ -204,8 +218,8 @@ def tune(
     bar = tqdm(total=len(grid), desc="svdadapt tune", unit="run")
     try:
         while True:
-            for rate in grid:
-                load_recipe(recipe_path, [*fixed, f"training.learning_rate={rate}"])  # a bad value fails before any run
+            for rate in grid:  # a bad value, or a finished candidate of another recipe, fails before any run
+                _check_candidate(load_recipe(recipe_path, [*fixed, f"training.learning_rate={rate}"]), out / _name(rate))
             for rate in grid:
                 run_dir = out / _name(rate)
                 state = run_state(run_dir)

@@ -38,6 +38,9 @@ def test_tune_runs_writes_three_files_and_resumes_only_the_missing_candidate(rob
     assert cli(args) == 0
     assert [(out / p).stat().st_mtime_ns for p in ("lr-0.001/metrics.json", "lr-0.001.log")] == kept  # not run again
     assert (out / "lr-0.01" / "metrics.json").is_file() and (out / "lr-0.01.log").is_file()  # the killed one ran
+    capsys.readouterr()
+    assert cli([*args, "--set", "training.max_steps=3"]) == 2  # another recipe never reuses these candidates
+    assert "training.max_steps: 2 -> 3" in capsys.readouterr().err
 
 
 def _fake_training(curve: dict[float, float], ran: list[float]):
