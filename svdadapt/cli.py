@@ -4,6 +4,7 @@ svdadapt train recipes/quickstart.yaml
 svdadapt eval --model PATH --adapter DIR --tasks gsm8k,mmlu --data-dir ../shared/data
 svdadapt count --model config.json --method edora --r 16 --targets q_proj,v_proj
 svdadapt plan recipes/mistral_dude.yaml --gpus 8
+svdadapt tune recipes/quickstart.yaml --set data.validation_fraction=0.2
 svdadapt report runs/a runs/b
 svdadapt bench --quick
 """
@@ -20,6 +21,7 @@ COMMANDS = {
     "count": ("svdadapt.count", "cli", "count trainable parameters per method and rank from a model config"),
     "plan": ("svdadapt.plan", "cli", "per-GPU memory, checkpoint size and init time of a recipe, before running it"),
     "sweep": ("svdadapt.sweep", "cli", "run a grid of recipe variants, resumably, in time-boxed chunks"),
+    "tune": ("svdadapt.tune", "cli", "choose a recipe's learning rate on a held-out validation split, resumably"),
     "report": ("svdadapt.report", "cli", "a Markdown table and plots comparing training runs"),
     "bench": ("svdadapt.bench", "cli", "speed and memory benchmarks against the base layer and peft"),
 }

@@ -86,6 +86,10 @@ class DataSection:
         validation_fraction: glue: hold out this share of the (sampled) training examples, seeded, as
             the evaluation set for selection (learning rates, checkpoints); the dev set then becomes a
             test set, scored once after training. 0: evaluate on dev (no held-out validation).
+        validation_size: glue: draw this many validation examples, seeded, from the training rows
+            left after sampling `max_train_samples` (so training keeps its whole sample); fewer if
+            fewer remain (with a warning). Dev becomes a test set, as with validation_fraction,
+            which it replaces. 0: off.
     """
 
     kind: str = "math"
@@ -97,6 +101,7 @@ class DataSection:
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
     validation_fraction: float = 0.0
+    validation_size: int = 0
 
     def problems(self) -> list[str]:
         out = _choices(self, "data", kind=DATA_KINDS) + _positive(
@@ -115,6 +120,15 @@ class DataSection:
             out.append(f"data.validation_fraction={self.validation_fraction} must be in [0, 1), e.g. 0.2")
         if self.validation_fraction and self.kind != "glue":
             out.append("data.validation_fraction applies to data.kind 'glue'; for math data set data.eval_size")
+        if self.validation_size < 0:
+            out.append(f"data.validation_size={self.validation_size} must be >= 0, e.g. 500")
+        if self.validation_size and self.kind != "glue":
+            out.append("data.validation_size applies to data.kind 'glue'; for math data set data.eval_size")
+        if self.validation_size and self.validation_fraction:
+            out.append(
+                "data.validation_size and data.validation_fraction are both set; choose one "
+                "(validation_size draws from the rows training does not use, validation_fraction splits the sample)"
+            )
         return out
 
 

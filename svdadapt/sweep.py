@@ -101,7 +101,7 @@ def _check_overrides(path: Path, recipe: str, runs: list[Run]) -> None:
             raise ValueError(f"{path}: variant {run.variant!r} (run {run.name!r}): {e}") from None
 
 
-def _state(run_dir: Path) -> str:
+def run_state(run_dir: Path) -> str:
     if (run_dir / "metrics.json").is_file():
         return "done"
     from svdadapt.trainer import complete_checkpoints
@@ -136,11 +136,32 @@ def _report(folder: Path) -> None:
 def publish(spec: dict, runs: list[Run]) -> int:
     """Copy the finished runs among `runs` into `results` and rewrite the report there; returns how many."""
     root, folder = Path(spec["output_root"]), Path(spec["results"])
-    done = [run for run in runs if _state(root / run.name) == "done"]
+    done = [run for run in runs if run_state(root / run.name) == "done"]
     for run in done:
         _collect(run, root / run.name, folder)
     _report(folder)
     return len(done)
+
+
+def train_command(recipe: str, run: Run, run_dir: Path, state: str) -> list[str]:
+    """The `svdadapt train` command line of one run, in its own process: resumes a run with checkpoints."""
+    sets = [x for kv in _sets(run) for x in ("--set", kv)]
+    mode = ["--resume"] if state == "resume" else ["--overwrite"]
+    return [sys.executable, "-m", "svdadapt", "train", recipe, *sets, "--output-dir", str(run_dir), *mode]
+
+
+def launch(cmd: list[str], run_dir: Path, log: Path | None = None) -> bool:
+    """Run `cmd` (from `train_command`) to the end; True if it wrote `run_dir/metrics.json`.
+
+    With `log`, the run's output goes to that file instead of the terminal.
+    """
+    if log is None:
+        code = subprocess.run(cmd).returncode
+    else:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with log.open("a") as f:
+            code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
+    return code == 0 and (run_dir / "metrics.json").is_file()
 
 
 def _selects(text: str, name: str) -> bool:
@@ -180,7 +201,7 @@ def cli(argv: list[str]) -> int:
     root, start, failed, work = Path(spec["output_root"]), time.time(), [], _working(spec)
     for i, run in enumerate(runs, 1):
         run_dir = root / run.name
-        state = _state(run_dir)
+        state = run_state(run_dir)
         if args.dry_run or state == "done":
             print(f"[{i}/{len(runs)}] {run.name}: {state}")
             if state == "done" and not args.dry_run:
@@ -190,11 +211,9 @@ def cli(argv: list[str]) -> int:
             print(f"svdadapt sweep: {args.max_minutes:g} minutes used; run the same command again to continue")
             _report(work)
             return 0
-        sets = [x for kv in _sets(run) for x in ("--set", kv)]
-        mode = ["--resume"] if state == "resume" else ["--overwrite"]
-        cmd = [sys.executable, "-m", "svdadapt", "train", spec["recipe"], *sets, "--output-dir", str(run_dir), *mode]
+        cmd = train_command(spec["recipe"], run, run_dir, state)
         print(f"[{i}/{len(runs)}] {run.name}: {state} -> {' '.join(cmd[2:])}", flush=True)
-        if subprocess.run(cmd).returncode != 0 or not (run_dir / "metrics.json").is_file():
+        if not launch(cmd, run_dir):
             failed.append(run.name)
             continue
         _collect(run, run_dir, work)

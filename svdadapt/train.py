@@ -252,7 +252,7 @@ def collect_metrics(
         "learning_rate": recipe.training.learning_rate,
         "magnitude_learning_rate": recipe.training.magnitude_learning_rate,
         "seed": recipe.training.seed,
-        "eval_set": "validation" if recipe.data.validation_fraction else "dev",
+        "eval_set": "validation" if recipe.data.validation_fraction or recipe.data.validation_size else "dev",
         "trainable_params": count.trainable,
         "total_params": count.total,
         "adapter_params": count.adapter,

