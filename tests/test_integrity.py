@@ -60,7 +60,7 @@ def test_every_tensor_and_field_has_a_checksum_and_the_file_loads_exactly(saved)
         warnings.simplefilter("error")
         fresh = _load(base, d)
     with torch.no_grad():
-        torch.testing.assert_close(output(fresh, _ids()), output(model, _ids()), rtol=0, atol=0)
+        torch.testing.assert_close(output(fresh.eval(), _ids()), output(model.eval(), _ids()), rtol=0, atol=0)
 
 
 def test_a_flipped_byte_is_refused_by_tensor_and_file(saved):
@@ -122,7 +122,7 @@ def test_an_old_file_without_checksums_loads_with_one_warning(saved):
     ]
     assert len(caught) == 1
     with torch.no_grad():
-        torch.testing.assert_close(output(fresh, _ids()), output(model, _ids()), rtol=0, atol=0)
+        torch.testing.assert_close(output(fresh.eval(), _ids()), output(model.eval(), _ids()), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(
