@@ -233,7 +233,7 @@ class AdapterLayer(nn.Module):
             g = None if m is None else m / self.row_norm()
             a_eff = a if rr is None else rr @ a
             b_eff = b * self.scaling if g is None else b * (self.scaling * g)[:, None]
-            self._g, self._folded, self._g_key = g, (a_eff, b_eff), key
+            self._g, self._folded, self._g_key = g, (a_eff, b_eff.to(a_eff.dtype)), key  # one dtype (ZeRO casts all)
         g, (a_eff, b_eff) = self._g, self._folded
         if x.dtype == a_eff.dtype:
             h = F.linear(x, a_eff)  # (..., r)
