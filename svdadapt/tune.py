@@ -118,6 +118,8 @@ def _check_candidate(recipe, run_dir: Path) -> None:
         try:
             check_output_dir(dataclasses.replace(recipe, output_dir=str(run_dir)), resume=True, overwrite=False)
         except ValueError as e:
+            if "holds no complete checkpoint" in str(e):  # the same recipe, finished: nothing to resume
+                return
             text = str(e).replace("pick another --output-dir, or pass --overwrite to replace it", "give tune another --output")
             raise ValueError(f"finished candidate of another tune: {text}") from None
 
