@@ -85,7 +85,7 @@ def test_quick_run_writes_json_with_every_suite(tiny_plans, tmp_path, capsys, mo
     assert all({"target", "value", "met"} <= set(t) for t in result["targets"])
     # quick mode times small shapes: speed targets are labelled, memory and accuracy ones judged
     met = {t["target"]: t["met"] for t in result["targets"]}
-    speed = [k for k in met if k.startswith(("layer ", "peft DoRA", "randomized init", "fingerprint"))]
+    speed = [k for k in met if k.startswith(("layer ", "peft DoRA", "randomized init", "fingerprint", "generate "))]
     judged = [k for k in met if k.startswith(("model ", "randomized rel. error"))]
     assert speed and judged and len(speed) + len(judged) == len(met)
     assert all(met[k] == bench.QUICK_NOT_JUDGED for k in speed) and all(isinstance(met[k], bool) for k in judged)
