@@ -7,10 +7,23 @@ The public names and the submodules (`svdadapt.quant`, `svdadapt.serve`, ...) lo
 from __future__ import annotations
 
 import importlib
+import logging
 import sys
 import types
 
 from svdadapt.version import __version__
+
+
+class _NoOptionalKernelNotice(logging.Filter):
+    """bitsandbytes (>= 0.49, on a CPU with AVX512-BF16) tries to fetch an optional faster 4-bit CPU kernel from
+    the hub when it is imported and logs a warning when it cannot (offline, or the repository is not on the
+    remote-code allowlist); it then uses its own kernels, with the same results. svdadapt drops that one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
+
+
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_NoOptionalKernelNotice())
 
 _EXPORTS = {
     "AdapterConfig": "svdadapt.config",
@@ -19,6 +32,7 @@ _EXPORTS = {
     "InitContext": "svdadapt.methods",
     "adapter_layers": "svdadapt.model",
     "apply": "svdadapt.model",
+    "clear_gguf_quantizer": "svdadapt.model",
     "export_peft": "svdadapt.io",
     "load_adapter": "svdadapt.io",
     "merge": "svdadapt.model",

@@ -80,8 +80,17 @@ class Method:
 
     def trainable_count(self, out_features: int, in_features: int, r: int) -> int:
         """Trainable parameters this method adds to one (out, in) layer, in closed form."""
-        sizes = {"A": r * in_features, "B": out_features * r, "R": r * r, "magnitude": out_features}
+        sizes = self._sizes(out_features, in_features, r)
         return sum(sizes[name] for name in self.trainable)
+
+    def parameter_count(self, out_features: int, in_features: int, r: int) -> int:
+        """Every parameter (trainable or frozen) the layer allocates for this method: A, B, R, m as it has them."""
+        sizes = self._sizes(out_features, in_features, r)
+        return sizes["A"] + sizes["B"] + sizes["R"] * self.has_R + sizes["magnitude"] * self.magnitude
+
+    @staticmethod
+    def _sizes(out_features: int, in_features: int, r: int) -> dict[str, int]:
+        return {"A": r * in_features, "B": out_features * r, "R": r * r, "magnitude": out_features}
 
 
 _REGISTRY: dict[str, Method] = {}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import re
 from dataclasses import dataclass, field
 
@@ -24,6 +25,7 @@ from svdadapt.svd import fingerprint
 
 CONFIG_ATTR = "svdadapt_config"
 _HEAD_NAMES = ("lm_head", "embed_out", "output_projection")
+logger = logging.getLogger("svdadapt")
 
 
 def adapter_layers(model: nn.Module) -> list[tuple[str, AdapterLayer]]:
@@ -216,6 +218,7 @@ def apply(model: nn.Module, config: AdapterConfig, *, progress: bool | None = No
     for name, module in tqdm(targets, desc=f"svdadapt {config.method} r={config.r}", disable=not show, unit="layer"):
         with gathered(module, modify=False):
             layer = wrap(name, module, config)
+        layer.train(module.training)  # a model in eval mode stays in eval mode (the folded inference path)
         if initialize:
             initialize_layer(name, layer, config)
         _register_partitioned(layer)
@@ -224,7 +227,43 @@ def apply(model: nn.Module, config: AdapterConfig, *, progress: bool | None = No
         for p in module.parameters():
             p.requires_grad_(True)
     setattr(model, CONFIG_ATTR, config)
+    clear_gguf_quantizer(model)
     return model
+
+
+def _quant_method(model: nn.Module) -> str | None:
+    """The name of the transformers quantization method marking `model` ("gguf", "bitsandbytes", ...), or None."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
+    method = method or getattr(model, "quantization_method", None)
+    return None if method is None else str(getattr(method, "value", method))
+
+
+def clear_gguf_quantizer(model: nn.Module) -> bool:
+    """Remove the quantizer mark transformers leaves on a model loaded from a GGUF file.
+
+    transformers dequantizes a GGUF file into plain float layers but still marks the model quantized,
+    so the HF Trainer (and TRL's) refuses to fine-tune it and `save_pretrained` refuses to write it.
+    Where the mark is GGUF's and every parameter is a plain float tensor, the mark and
+    `config.quantization_config` are removed and True is returned; any other model (a truly quantized
+    bitsandbytes base included) is left as it is and False is returned. `apply` and `merge` call this.
+    """
+    if _quant_method(model) != "gguf":
+        return False
+    if not all(type(p) is nn.Parameter and p.is_floating_point() for p in model.parameters()):
+        return False  # some weights really are quantized: the mark stays true
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model, "quantization_method"):
+        del model.quantization_method
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    logger.warning(
+        "svdadapt: %s was loaded from GGUF into plain float weights; its quantized mark is cleared, so trainers "
+        "fine-tune it and save_pretrained writes it",
+        type(model).__name__,
+    )
+    return True
 
 
 FULL_MODULE = "full module"  # what a modules_to_save row of ParameterCount.layers says
@@ -288,14 +327,15 @@ def trainable_parameters(model: nn.Module) -> ParameterCount:
 def count_plan(model: nn.Module, config: AdapterConfig) -> ParameterCount:
     """What `apply(model, config)` would train, from shapes only: works on a meta-device model."""
     method = get_method(config.method)
-    rows = []
+    rows, added = [], 0
     for name, module in find_targets(model, config):
         _check_rank(name, module, config.r)  # what apply refuses is not counted either
         out_f, in_f = base_kind(module).weight(module).shape
         rows.append((name, method.name, method.trainable_count(out_f, in_f, config.r)))
+        added += method.parameter_count(out_f, in_f, config.r)  # frozen factors count in the total, as after apply
     for name, module in find_modules_to_save(model, config.modules_to_save):
         rows.append((name, FULL_MODULE, sum(p.numel() for p in module.parameters())))
-    total = sum(p.numel() for p in model.parameters()) + sum(c for _, w, c in rows if w != FULL_MODULE)
+    total = sum(p.numel() for p in model.parameters()) + added
     return ParameterCount(sum(c for _, _, c in rows), total, rows)
 
 
@@ -304,11 +344,12 @@ def merge(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base layer: returns the model with plain layers, in place.
 
     The result has no svdadapt types left, so `save_pretrained` and a plain `from_pretrained` of the
-    base class round-trip it.
+    base class round-trip it (a GGUF-loaded base included: see `clear_gguf_quantizer`).
     """
     adapter_config(model)
     for name, layer in adapter_layers(model):
         with gathered(layer, modify=False):
             replace_module(model, name, layer.merged_module())
     delattr(model, CONFIG_ATTR)
+    clear_gguf_quantizer(model)
     return model

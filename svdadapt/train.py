@@ -179,21 +179,9 @@ def load_model(recipe: Recipe, tokenizer, num_labels: int | None):
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=m.num_labels or num_labels, **kwargs)
     else:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    if m.gguf_file:
-        _unmark_gguf(model)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model
-
-
-def _unmark_gguf(model: torch.nn.Module) -> None:
-    """transformers marks a GGUF-loaded model quantized although its weights are dequantized into plain
-    float layers; the Trainer then refuses to fine-tune it. Clear the mark (and the config entry, so a
-    saved model is not described as GGUF)."""
-    model.hf_quantizer = None
-    model.is_quantized = False
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
 
 
 def _final_evaluation(trainer, history: list[dict]) -> dict:

@@ -168,11 +168,27 @@ def load_trained(src: dict, dst: torch.nn.Module) -> None:
         )
 
 
+FSDP_REFUSAL = (
+    "svdadapt does not train under FSDP: an adapter layer reads its base weight outside the base layer's own "
+    "forward (the row norm, the closed-form step), which FSDP does not gather, and its caches are keyed on "
+    "parameter versions that FSDP's flat parameters do not keep. Use DeepSpeed ZeRO-3 (training.deepspeed: "
+    "recipes/ds_zero3.json), which shards the base model the same way and is tested, or train on one process"
+)
+
+
+def refuse_fsdp(trainer: Trainer) -> None:
+    """Stop before training when the Trainer (or accelerate's config) would run FSDP; see FSDP_REFUSAL."""
+    fsdp = getattr(trainer, "is_fsdp_enabled", False) or bool(trainer.args.fsdp)
+    if fsdp or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+        raise ValueError(FSDP_REFUSAL)
+
+
 class AdapterTrainer(Trainer):
     """The HF Trainer with structural param groups and checkpoints holding only what trains."""
 
     def __init__(self, *args, recipe: Recipe, **kwargs):
         super().__init__(*args, **kwargs)
+        refuse_fsdp(self)
         self.recipe = recipe
         self.clipping = {"steps": 0, "clipped": 0}  # optimiser steps whose gradient norm was clipped
         self.cpu_before = 0.0  # CPU seconds of training before this process (a resumed run's earlier part)
@@ -206,26 +222,23 @@ class AdapterTrainer(Trainer):
             self.optimizer = cls(param_groups(self.model, self.recipe.training), **kwargs)
         return self.optimizer
 
-    def _save(self, output_dir=None, state_dict=None):
+    def save_model(self, output_dir=None, _internal_call=False):
         # The trained tensors only: the frozen base is rebuilt from the recipe.
+        if self.is_deepspeed_enabled and _internal_call:  # a checkpoint: the engine's files, written next, hold them
+            return None
+        state = None
+        if self.is_deepspeed_enabled and self.model_wrapped.zero_optimization_partition_weights():
+            # under ZeRO-3 gather the trained tensors only, never the partitioned frozen base
+            state = self.model_wrapped._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=True)
         output_dir = output_dir or self.args.output_dir
         if self.args.should_save:
             os.makedirs(output_dir, exist_ok=True)
             names = {n for n, p in self.model.named_parameters() if p.requires_grad}
-            source = state_dict if state_dict is not None else self.model.state_dict()
+            source = state if state is not None else self.model.state_dict()
             tensors = {k: v.detach().cpu().contiguous() for k, v in source.items() if k in names}
             safetensors.torch.save_file(tensors, os.path.join(output_dir, "model.safetensors"), metadata={"format": "pt"})
             torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
-
-    def save_model(self, output_dir=None, _internal_call=False):
-        if not self.is_deepspeed_enabled:
-            return super().save_model(output_dir, _internal_call)
-        if _internal_call:  # a checkpoint: the engine's files, written next, hold the trained tensors
-            return None
-        zero3 = self.model_wrapped.zero_optimization_partition_weights()
-        # under ZeRO-3 gather the trained tensors only, never the partitioned frozen base
-        state = self.model_wrapped._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=True) if zero3 else None
-        return self._save(output_dir, state_dict=state)
+        return None
 
     def _save_optimizer_and_scheduler(self, output_dir):
         if not self.is_deepspeed_enabled:

@@ -153,9 +153,18 @@ def test_entrypoints_run_in_a_venv_of_the_pins(tmp_path):
     import sys
     from importlib.metadata import PackageNotFoundError, version
 
-    venv = tmp_path / "venv"  # no seeded pip/setuptools: the machine's pip installs into it, its setuptools counts
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True, timeout=300)
+    import site
+    import sysconfig
+
+    # The venv sees the packages of the interpreter running the tests through a .pth line, after its own:
+    # `--system-site-packages` would give it the *base* interpreter's, which inside a virtualenv (the usual
+    # install) hold neither torch nor peft. No seeded pip/setuptools: this interpreter's are used.
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=300)
     py = str(venv / "bin" / "python")
+    own = subprocess.run([py, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], capture_output=True, text=True, check=True)
+    parent = dict.fromkeys([sysconfig.get_path("purelib"), sysconfig.get_path("platlib"), *site.getsitepackages()])
+    (Path(own.stdout.strip()) / "_tested_interpreter.pth").write_text("\n".join(parent) + "\n")
     differ = []
     for name, pin in _pins().items():
         try:

@@ -68,6 +68,6 @@ def test_minilm_compact_adapter_reloads_in_a_fresh_process(method, tmp_path):
         env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
     )
     got = torch.tensor(json.loads(out.stdout.strip().splitlines()[-1]))
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)  # the SVD reruns in the new process
     trained = svdadapt.trainable_parameters(model).trainable
     assert size < 4 * trained + 64 * 1024  # compact: only trained tensors (+ header)
