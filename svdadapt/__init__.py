@@ -20,10 +20,14 @@ class _NoOptionalKernelNotice(logging.Filter):
     remote-code allowlist); it then uses its own kernels, with the same results. svdadapt drops that one line."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
+        msg = str(record.msg)
+        return not (
+            msg.startswith("Failed to load CPU gemm_4bit_forward") or "kernels-community/quantization-bitsandbytes" in msg
+        )
 
 
-logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_NoOptionalKernelNotice())
+for _name in ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub"):  # the notice, and its offline form
+    logging.getLogger(_name).addFilter(_NoOptionalKernelNotice())
 
 _EXPORTS = {
     "AdapterConfig": "svdadapt.config",

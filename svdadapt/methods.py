@@ -136,9 +136,13 @@ def register_method(
     if not isinstance(name, str) or not name:
         raise ValueError("register_method: name must be a non-empty string")
     if name in _REGISTRY and not replace:
-        raise ValueError(f"register_method({name!r}): a method of that name is registered already; pass replace=True to replace it")
+        raise ValueError(
+            f"register_method({name!r}): a method of that name is registered already; pass replace=True to replace it"
+        )
     if options is not None and (bad := set(options) - set(METHOD_OPTIONS)):
-        raise ValueError(f"register_method({name!r}): options {sorted(bad)} are not method options; choose from {list(METHOD_OPTIONS)}")
+        raise ValueError(
+            f"register_method({name!r}): options {sorted(bad)} are not method options; choose from {list(METHOD_OPTIONS)}"
+        )
     alpha = default_alpha if callable(default_alpha) else (lambda r, a=float(default_alpha): a)
 
     def decorator(fn):
@@ -192,8 +196,8 @@ _BASIS = ("sigma", "singular_values_on", "frozen_factors")
 register_method("lora", trainable=("A", "B"), options=())(_kaiming_lowrank)
 register_method("dora", trainable=("A", "B", "magnitude"), magnitude=True, options=("norm",))(_kaiming_lowrank)
 register_method("pissa", trainable=("A", "B"), residual=True, default_alpha=float, options=())(_principal)
-register_method(
-    "dude", trainable=("A", "B", "magnitude"), magnitude=True, residual=True, default_alpha=float, options=("norm",)
-)(_principal)
+register_method("dude", trainable=("A", "B", "magnitude"), magnitude=True, residual=True, default_alpha=float, options=("norm",))(
+    _principal
+)
 register_method("loraxs", trainable=("R",), has_R=True, options=_BASIS)(_frozen_basis)
 register_method("edora", trainable=("R", "magnitude"), magnitude=True, has_R=True, options=(*_BASIS, "norm"))(_frozen_basis)

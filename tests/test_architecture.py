@@ -12,7 +12,22 @@ PACKAGE = Path(__file__).resolve().parents[1] / "svdadapt"
 # the core, bottom up: a module may import only those before it
 CORE = ["version", "svd", "norm", "methods", "config", "kinds", "layer", "model", "io"]
 AROUND = {"quant", "serve", "quant_error", "paths", "prompts"}
-JOBS = {"recipe", "data", "train", "trainer", "faults", "count", "plan", "evaluate", "tasks", "report", "sweep", "tune", "bench", "cli"}
+JOBS = {
+    "recipe",
+    "data",
+    "train",
+    "trainer",
+    "faults",
+    "count",
+    "plan",
+    "evaluate",
+    "tasks",
+    "report",
+    "sweep",
+    "tune",
+    "bench",
+    "cli",
+}
 RING = {**{m: 0 for m in CORE}, **{m: 1 for m in AROUND}, **{m: 2 for m in JOBS}, "__main__": 2, "__init__": 2}
 
 

@@ -48,7 +48,23 @@ def tiny_plans(monkeypatch):
 def test_quick_run_writes_json_with_every_suite(tiny_plans, tmp_path, capsys, monkeypatch):
     out, md = tmp_path / "bench.json", tmp_path / "bench.md"
     assert (
-        bench.cli(["--quick", "--suite", "all", "--dtype", "fp32", "--device", "cpu", "--clock", "cpu", "--output", str(out), "--markdown", str(md)])
+        bench.cli(
+            [
+                "--quick",
+                "--suite",
+                "all",
+                "--dtype",
+                "fp32",
+                "--device",
+                "cpu",
+                "--clock",
+                "cpu",
+                "--output",
+                str(out),
+                "--markdown",
+                str(md),
+            ]
+        )
         == 0
     )
     result = json.loads(out.read_text())
@@ -140,7 +156,10 @@ def test_a_configuration_that_raises_is_reported_and_the_rest_still_run():
     assert set(ran) == {"ref", "ok"} and failed == {"bad": "RuntimeError: self and mat2 must have the same dtype"}
     with pytest.raises(RuntimeError):
         common.probe({"ref": broken}, "ref")
-    rows = [{"shape": "8x8", "config": "base", "ms": 1.0}, {"shape": "8x8", "config": "lora", "error": "RuntimeError: bad\ntrace"}]
+    rows = [
+        {"shape": "8x8", "config": "base", "ms": 1.0},
+        {"shape": "8x8", "config": "lora", "error": "RuntimeError: bad\ntrace"},
+    ]
     text = bench.render({"layer": rows})
     assert "| error |" in text and "| lora |" in text and text.rstrip().endswith("| RuntimeError: bad |")
     assert rows[1]["error"] == "RuntimeError: bad\ntrace"  # the result itself keeps the whole message

@@ -150,11 +150,10 @@ def test_entrypoints_run_in_a_venv_of_the_pins(tmp_path):
     """`svdadapt --help` and `deepspeed --module svdadapt train --help` in a venv holding exactly the pinned
     versions (this machine's packages where they match a pin, the pin itself installed where they do not;
     torch stays the CPU build) and svdadapt installed from the repository, as the image does."""
-    import sys
-    from importlib.metadata import PackageNotFoundError, version
-
     import site
+    import sys
     import sysconfig
+    from importlib.metadata import PackageNotFoundError, version
 
     # The venv sees the packages of the interpreter running the tests through a .pth line, after its own:
     # `--system-site-packages` would give it the *base* interpreter's, which inside a virtualenv (the usual
@@ -162,7 +161,9 @@ def test_entrypoints_run_in_a_venv_of_the_pins(tmp_path):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=300)
     py = str(venv / "bin" / "python")
-    own = subprocess.run([py, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], capture_output=True, text=True, check=True)
+    own = subprocess.run(
+        [py, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], capture_output=True, text=True, check=True
+    )
     parent = dict.fromkeys([sysconfig.get_path("purelib"), sysconfig.get_path("platlib"), *site.getsitepackages()])
     (Path(own.stdout.strip()) / "_tested_interpreter.pth").write_text("\n".join(parent) + "\n")
     differ = []

@@ -164,9 +164,15 @@ def test_register_method_validates_its_arguments():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"method": "dude", "sigma": 3.0}, r"AdapterConfig\.sigma=3\.0 has no effect on method 'dude'; it is an option of \['edora', 'loraxs'"),
+        (
+            {"method": "dude", "sigma": 3.0},
+            r"AdapterConfig\.sigma=3\.0 has no effect on method 'dude'; it is an option of \['edora', 'loraxs'",
+        ),
         ({"method": "dude", "frozen_factors": "random"}, r"frozen_factors='random' has no effect on method 'dude'"),
-        ({"method": "lora", "norm": "exact"}, r"norm='exact' has no effect on method 'lora'; it is an option of \['dora', 'dude', 'edora'"),
+        (
+            {"method": "lora", "norm": "exact"},
+            r"norm='exact' has no effect on method 'lora'; it is an option of \['dora', 'dude', 'edora'",
+        ),
         ({"method": "pissa", "singular_values_on": "A"}, r"singular_values_on='A' has no effect on method 'pissa'"),
     ],
 )
@@ -180,7 +186,9 @@ def test_reregistering_a_name_needs_replace():
     from svdadapt.methods import _REGISTRY
 
     builtin = _REGISTRY["lora"]
-    with pytest.raises(ValueError, match=r"register_method\('lora'\): a method of that name is registered already; pass replace=True"):
+    with pytest.raises(
+        ValueError, match=r"register_method\('lora'\): a method of that name is registered already; pass replace=True"
+    ):
         svdadapt.register_method("lora", trainable=("A", "B"))(lambda w, ctx: None)
     try:
         svdadapt.register_method("lora", trainable=("A", "B"), replace=True)(builtin.init)

@@ -109,7 +109,9 @@ def test_heldout_loss_curve(tmp_path):
     groups = report.group_runs([report.load_run(d) for d in dirs])["rte"]
     steps, med, lo, hi = report._curve(groups[("dude", 8)], "loss", "eval_history")
     assert steps == [0, 10, 20]
-    assert med == pytest.approx([1.4, 0.95, 0.8]) and lo == pytest.approx([1.4, 0.9, 0.7]) and hi == pytest.approx([1.4, 1.0, 0.9])
+    assert (
+        med == pytest.approx([1.4, 0.95, 0.8]) and lo == pytest.approx([1.4, 0.9, 0.7]) and hi == pytest.approx([1.4, 1.0, 0.9])
+    )
     out = tmp_path / "report"
     assert report.cli([str(d) for d in dirs] + ["--output", str(out)]) == 0
     width, height, size = _png_size(out / "rte_heldout_loss.png")
