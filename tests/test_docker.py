@@ -196,3 +196,20 @@ def test_entrypoints_run_in_a_venv_of_the_pins(tmp_path):
     res = subprocess.run([py, "-m", "deepspeed.launcher.runner", "--num_gpus", "0", "--module", "svdadapt", "train", "--help"],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert res.returncode == 0 and "usage: svdadapt train" in res.stdout, res.stdout[-2000:] + res.stderr[-2000:]
+
+
+def test_the_declared_range_has_an_upper_bound_and_holds_the_pins():
+    """pyproject declares the tested range of the libraries whose private parts svdadapt relies on, with an
+    upper bound, and docker/constraints.txt pins a version inside it."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    reqs = [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["train"]]
+    declared = {_normal(r.name): r.specifier for r in reqs}
+    pins = {_normal(n): v for n, v in _pins().items()}
+    for name in ("transformers", "peft", "deepspeed", "accelerate"):
+        spec = declared[name]
+        assert any(s.operator in ("<", "<=", "==", "~=") for s in spec), f"{name}{spec}: no upper bound"
+        assert spec.contains(pins[name]), f"docker pins {name}=={pins[name]}, outside pyproject's {name}{spec}"

@@ -225,3 +225,46 @@ def test_the_optional_bitsandbytes_kernel_notice_is_not_printed():
         env=os.environ | {"HF_HUB_OFFLINE": "1"},
     )
     assert out.returncode == 0 and "kernels-community" not in out.stderr, out.stderr[-2000:]
+
+
+# --- the private Trainer methods AdapterTrainer still overrides -----------------------------------
+
+# Each is overridden because no public hook can do its job (the reason beside it). A transformers release
+# that renames one, or changes the parameters the override takes, fails here, naming it, instead of
+# breaking every training run.
+PRIVATE_OVERRIDES = {
+    "_save_checkpoint": ("model", "trial"),  # complete-only checkpoints: wraps the save to mark and rotate after it
+    "_save_optimizer_and_scheduler": ("output_dir",),  # DeepSpeed engine checkpoints without the frozen base
+    "_prepare_for_training": ("max_steps", "train_dataloader", "resume_from_checkpoint"),  # DeepSpeed resume
+    "_clip_grad_norm": ("model",),  # the pre-clipping norm of every step (logs have it at logging steps only)
+    "_get_eval_sampler": ("eval_dataset",),  # evaluation in dataset order even with group_by_length
+}
+# and the Trainer/DeepSpeed private methods the overrides call
+PRIVATE_CALLS = {"Trainer": ("_get_output_dir", "_load_optimizer_and_scheduler", "_load_scaler")}
+
+
+def test_private_trainer_overrides_still_exist_in_this_transformers():
+    import inspect
+
+    from svdadapt.trainer import AdapterTrainer
+
+    version = transformers.__version__
+    ours = {n for n, v in vars(AdapterTrainer).items() if n.startswith("_") and not n.startswith("__") and callable(v)}
+    ours &= set(dir(transformers.Trainer)) | set(PRIVATE_OVERRIDES)
+    assert ours == set(PRIVATE_OVERRIDES), f"private overrides not listed here: {sorted(ours - set(PRIVATE_OVERRIDES))}"
+    for name, params in PRIVATE_OVERRIDES.items():
+        theirs = getattr(transformers.Trainer, name, None)
+        assert theirs is not None, f"transformers {version} removed or renamed Trainer.{name}, which AdapterTrainer overrides"
+        got = tuple(p for p in inspect.signature(theirs).parameters if p != "self")
+        assert got == params, f"transformers {version} changed Trainer.{name}{got}; AdapterTrainer overrides it as {params}"
+    for name in PRIVATE_CALLS["Trainer"]:
+        assert hasattr(transformers.Trainer, name), f"transformers {version} removed Trainer.{name}, which AdapterTrainer calls"
+
+
+def test_deepspeed_private_gather_still_exists():
+    ds = pytest.importorskip("deepspeed")
+    import inspect
+
+    fn = getattr(ds.DeepSpeedEngine, "_zero3_consolidated_16bit_state_dict", None)
+    assert fn is not None, f"deepspeed {ds.__version__} removed DeepSpeedEngine._zero3_consolidated_16bit_state_dict (save_model uses it)"
+    assert "exclude_frozen_parameters" in inspect.signature(fn).parameters, f"deepspeed {ds.__version__} changed its parameters"
