@@ -202,7 +202,6 @@ def test_the_declared_range_has_an_upper_bound_and_holds_the_pins():
     """pyproject declares the tested range of the libraries whose private parts svdadapt relies on, with an
     upper bound, and docker/constraints.txt pins a version inside it."""
     import tomllib
-
     from packaging.requirements import Requirement
 
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]

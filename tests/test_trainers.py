@@ -266,5 +266,7 @@ def test_deepspeed_private_gather_still_exists():
     import inspect
 
     fn = getattr(ds.DeepSpeedEngine, "_zero3_consolidated_16bit_state_dict", None)
-    assert fn is not None, f"deepspeed {ds.__version__} removed DeepSpeedEngine._zero3_consolidated_16bit_state_dict (save_model uses it)"
+    assert fn is not None, (
+        f"deepspeed {ds.__version__} removed DeepSpeedEngine._zero3_consolidated_16bit_state_dict (save_model uses it)"
+    )
     assert "exclude_frozen_parameters" in inspect.signature(fn).parameters, f"deepspeed {ds.__version__} changed its parameters"
