@@ -246,7 +246,8 @@ def clear_gguf_quantizer(model: nn.Module) -> bool:
     so the HF Trainer (and TRL's) refuses to fine-tune it and `save_pretrained` refuses to write it.
     Where the mark is GGUF's and every parameter is a plain float tensor, the mark and
     `config.quantization_config` are removed and True is returned; any other model (a truly quantized
-    bitsandbytes base included) is left as it is and False is returned. `apply` and `merge` call this.
+    bitsandbytes base included) is left as it is and False is returned. `apply` calls this, so the
+    model `merge` returns is unmarked too.
     """
     if _quant_method(model) != "gguf":
         return False
@@ -344,12 +345,11 @@ def merge(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base layer: returns the model with plain layers, in place.
 
     The result has no svdadapt types left, so `save_pretrained` and a plain `from_pretrained` of the
-    base class round-trip it (a GGUF-loaded base included: see `clear_gguf_quantizer`).
+    base class round-trip it (a GGUF-loaded base included: `apply` cleared its mark, see `clear_gguf_quantizer`).
     """
     adapter_config(model)
     for name, layer in adapter_layers(model):
         with gathered(layer, modify=False):
             replace_module(model, name, layer.merged_module())
     delattr(model, CONFIG_ATTR)
-    clear_gguf_quantizer(model)
     return model
