@@ -29,13 +29,24 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from svdadapt import basis
 from svdadapt.config import AdapterConfig
 from svdadapt.methods import get_method
-from svdadapt.model import CONFIG_ATTR, adapter_config, adapter_layers, apply, find_modules_to_save, find_targets, gathered
-from svdadapt.svd import fingerprint, fingerprint_matches
+from svdadapt.model import (
+    CONFIG_ATTR,
+    adapter_config,
+    adapter_layers,
+    apply,
+    find_modules_to_save,
+    find_targets,
+    gathered,
+    start_factors,
+)
+from svdadapt.svd import SVDSettings, fingerprint, fingerprint_matches, truncated_svd
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter.safetensors"
+CHECK = "basis_check"  # a compact file's per-layer check of its rebuilt frozen factors (svdadapt.basis)
 FORMAT = 1
 META_KEYS = (
     "svdadapt_version",
@@ -151,6 +162,9 @@ def adapter_state(model: nn.Module, compact: bool) -> tuple[dict[str, torch.Tens
                     tensors[f"{name}.{factor}"] = p.detach()
             if layer.init_A is not None and not compact:
                 tensors[f"{name}.init_A"], tensors[f"{name}.init_B"] = layer.init_A, layer.init_B
+            if compact and (which := basis.rebuilt(layer.method)):
+                start = {"A": layer.init_A, "B": layer.init_B} if layer.method.residual else layer.factors()
+                tensors[f"{name}.{CHECK}"] = basis.sketch(start, which)
         layers[name] = {"shape": [layer.out_features, layer.in_features], "fingerprint": layer.base_fingerprint}
     for name, module in find_modules_to_save(model, cfg.modules_to_save):
         with gathered(module, modify=False):
@@ -359,6 +373,8 @@ def _expected_shapes(meta: dict, cfg: AdapterConfig) -> dict[str, tuple[int, ...
                 shapes[f"{name}.{factor}"] = shape
         if method.residual and not compact:
             shapes[f"{name}.init_A"], shapes[f"{name}.init_B"] = full["A"], full["B"]
+        if compact and (which := basis.rebuilt(method)):
+            shapes[f"{name}.{CHECK}"] = (r, len(which) * (r + basis.EXTRA_COLUMNS))
     return shapes
 
 
@@ -399,6 +415,70 @@ def _extra_tensors(d: Path, meta: dict, cfg: AdapterConfig, extra: list[str]) ->
     )
 
 
+def rebuilt_starts(targets: dict[str, nn.Module], cfg: AdapterConfig, tensors: dict, directory: Path) -> dict:
+    """The start factors of a compact adapter's layers, rebuilt from the base weights and checked against
+    the file's `basis_check` (see `svdadapt.basis`): realigned where a tie was rotated, recomputed without
+    the SVD cache where a cache entry disagrees, refused (`ValueError`, naming the layer and the gap at σ_r)
+    where the rebuilt subspace is another one. Changes nothing in the model."""
+    which = basis.rebuilt(get_method(cfg.method))
+    starts, drift, unchecked = {}, [], []
+    for name, module in targets.items():
+        with gathered(module, modify=False), torch.no_grad():
+            factors, _ = start_factors(name, module, cfg)
+            saved = tensors.get(f"{name}.{CHECK}")
+            if not which or saved is None:
+                unchecked += [name] if which else []
+                starts[name] = factors
+                continue
+            fit = basis.fit(saved, vars(factors), which)
+            if fit.unrotated > basis.SAME and fit.error > basis.REALIGNED and cfg.svd_cache_dir != "":
+                factors, _ = start_factors(name, module, dataclasses.replace(cfg, svd_cache_dir=""))  # a stale entry?
+                fit = basis.fit(saved, vars(factors), which)
+            if fit.error > basis.REFUSED:
+                raise ValueError(_other_basis(directory, name, module, cfg, fit.error))
+            if fit.error > basis.REALIGNED:
+                drift.append((fit.error, name))
+            if fit.unrotated > basis.SAME:
+                factors = dataclasses.replace(factors, **basis.realigned({"A": factors.A, "B": factors.B}, fit.rotation))
+            starts[name] = factors
+    if unchecked:
+        warnings.warn(
+            f"{directory / WEIGHTS_FILE} is a compact adapter saved before svdadapt checked rebuilt factors: whether "
+            f"this machine's SVD returns the basis it was trained with (the same where singular values tie) cannot be "
+            f"checked for {len(unchecked)} layers. Save it again (compact or full) to add the check",
+            stacklevel=3,
+        )
+    if drift:
+        err, name = max(drift)
+        warnings.warn(
+            f"{directory}: the frozen factors rebuilt here differ from the saved ones by up to {err:.1e} (relative; layer "
+            f"{name!r}, {len(drift)} layers in all): singular values near-tie at σ_r, and this machine's SVD splits them "
+            "otherwise. The model differs from the saved one by about that much; a full save reloads exactly",
+            stacklevel=3,
+        )
+    return starts
+
+
+def _other_basis(directory: Path, name: str, module: nn.Module, cfg: AdapterConfig, error: float) -> str:
+    """The refusal for rebuilt factors that span another subspace than the saved ones; names the gap at σ_r."""
+    from svdadapt.kinds import base_kind
+
+    why = "random frozen factors came out differently (another torch version?)"
+    if cfg.frozen_factors == "svd" or get_method(cfg.method).residual:
+        w = base_kind(module).weight(module)
+        s = truncated_svd(w.detach(), cfg.r + 1, SVDSettings("randomized", "float64", cache_dir="", sketch="dtype"))[1]
+        r = cfg.r
+        why = (
+            f"σ_{r} = {float(s[r - 1]):.6g} and σ_{r + 1} = {float(s[r]):.6g}, a relative gap of "
+            f"{float((s[r - 1] - s[r]) / s[r - 1]):.1e}, so which direction is the {r}-th depends on the machine's SVD"
+        )
+    return (
+        f"{directory}: layer {name!r}: the frozen factors rebuilt from the base weight span another subspace than the "
+        f"ones the adapter was trained with (sketch error {error:.1e} after realignment; {why}). The reloaded model "
+        "would differ from the saved one. Save the adapter in full (save_adapter(..., compact=False)) and load that"
+    )
+
+
 def load_adapter(model: nn.Module, directory: str | os.PathLike, *, check_fingerprint: bool = True) -> nn.Module:
     """Apply the adapter saved in `directory` to the unmodified base `model`, in place.
 
@@ -428,22 +508,26 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, *, check_finger
     shapes = _expected_shapes(meta, cfg)
     keep = {f"{n}.{p}": q for n, m in find_modules_to_save(model, cfg.modules_to_save) for p, q in m.named_parameters()}
     shapes.update({k: tuple(getattr(v, "ds_shape", v.shape)) for k, v in keep.items()})  # ZeRO-3: the whole shape
-    if missing := sorted(set(shapes) - set(tensors)):
+    unchecked = not any(k.endswith(f".{CHECK}") for k in tensors)  # a compact file saved before the checks
+    if missing := sorted(k for k in set(shapes) - set(tensors) if not (unchecked and k.endswith(f".{CHECK}"))):
         raise ValueError(
             f"{d / WEIGHTS_FILE} lacks tensors {missing[:5]} ({len(missing)} in all); the file does not match its config"
         )
     if extra := sorted(set(tensors) - set(shapes)):
         raise ValueError(_extra_tensors(d, meta, cfg, extra))
     for k, shape in shapes.items():
-        if tuple(tensors[k].shape) != tuple(shape):
+        if k in tensors and tuple(tensors[k].shape) != tuple(shape):
             raise ValueError(f"{d / WEIGHTS_FILE}: tensor {k!r} has shape {tuple(tensors[k].shape)}, expected {tuple(shape)}")
-    apply(model, cfg, initialize=meta.get("compact", False))
+    starts = rebuilt_starts(targets, cfg, tensors, d) if meta.get("compact", False) else {}
+    apply(model, cfg, initialize=False)
     with torch.no_grad():
         for name, layer in adapter_layers(model):
-            layer.base_fingerprint = prints[name]
             prefix = f"{name}."
-            with gathered(layer, modify=True):  # a full residual state rewrites the base weight
+            with gathered(layer, modify=True):  # a start or a full residual state rewrites the base weight
+                if name in starts:
+                    layer.initialize(starts[name])
                 layer.load_factors({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix) and k in shapes})
+            layer.base_fingerprint = prints[name]
         for name, module in find_modules_to_save(model, cfg.modules_to_save):
             with gathered(module, modify=True):
                 for pname, p in module.named_parameters():

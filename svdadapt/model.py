@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from svdadapt.config import AdapterConfig
 from svdadapt.kinds import base_kind, is_supported
 from svdadapt.layer import AdapterLayer
-from svdadapt.methods import InitContext, get_method
+from svdadapt.methods import Factors, InitContext, get_method
 from svdadapt.svd import fingerprint
 
 CONFIG_ATTR = "svdadapt_config"
@@ -166,17 +166,21 @@ def _check_finite(name: str, w: torch.Tensor) -> None:
         raise ValueError(f"module {name!r}: its weight has NaN or Inf values; fix the checkpoint before adapting it")
 
 
+def start_factors(name: str, module: nn.Module, config: AdapterConfig) -> tuple[Factors, str]:
+    """The method's start values for the base `module` (left unchanged) and its weight's fingerprint.
+    Under ZeRO-3, call it with the module's weight gathered."""
+    w = base_kind(module).weight(module)
+    _check_finite(name, w)
+    key = fingerprint(w)
+    gen = torch.Generator().manual_seed(_layer_seed(config.seed, name))
+    with torch.no_grad():  # the weight in its stored dtype: the SVD upcasts what it needs
+        return get_method(config.method).init(w.detach(), InitContext(config, gen, key)), key
+
+
 def initialize_layer(name: str, layer: AdapterLayer, config: AdapterConfig) -> None:
     """Compute the method's start values from the base weight and set them (SVD in float32+)."""
-    method = layer.method
-    with gathered(layer.base_layer, modify=method.residual), torch.no_grad():
-        w = layer.weight
-        _check_finite(name, w)
-        key = fingerprint(w)
-        gen = torch.Generator().manual_seed(_layer_seed(config.seed, name))
-        ctx = InitContext(config, gen, key)
-        factors = method.init(w.detach(), ctx)  # in its stored dtype: the SVD upcasts what it needs
-        layer.base_fingerprint = key
+    with gathered(layer.base_layer, modify=layer.method.residual), torch.no_grad():
+        factors, layer.base_fingerprint = start_factors(name, layer.base_layer, config)
         layer.initialize(factors)
 
 

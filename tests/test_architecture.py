@@ -10,7 +10,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "svdadapt"
 # the core, bottom up: a module may import only those before it
-CORE = ["version", "svd", "norm", "methods", "config", "kinds", "layer", "model", "io"]
+CORE = ["version", "svd", "norm", "methods", "basis", "config", "kinds", "layer", "model", "io"]
 AROUND = {"quant", "serve", "quant_error", "paths", "prompts"}
 JOBS = {
     "recipe",

@@ -144,7 +144,11 @@ def test_modules_to_save_stay_trainable_and_are_saved(tmp_path):
 
     keys = set(load_file(tmp_path / "a" / "adapter.safetensors"))
     assert "classifier.out_proj.weight" in keys
-    assert {k.rsplit(".", 1)[1] for k in keys if "layer." in k} == {"R", "magnitude"}  # compact: what trained
+    assert {k.rsplit(".", 1)[1] for k in keys if "layer." in k} == {
+        "R",
+        "magnitude",
+        "basis_check",
+    }  # what trained, and the check
 
 
 # --- bad input: a message that names the thing and the fix, and the model left untouched ----
