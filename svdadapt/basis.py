@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from svdadapt.methods import Method
+from svdadapt.svd import SVDSettings, truncated_svd
 
 EXTRA_COLUMNS = 8  # k = r + 8 sketch columns per factor
 SAME = 1e-6  # X' = X to this (relative): the same factors, used as they are
@@ -102,3 +103,10 @@ def realigned(factors: dict[str, torch.Tensor], rotation: torch.Tensor) -> dict[
             m = out[f].to(torch.float64)
             out[f] = (t @ m if f == "A" else m @ t.T).to(factors[f].dtype)
     return out
+
+
+def gap(weight: torch.Tensor, r: int) -> str:
+    """σ_r and σ_{r+1} of `weight` and their relative gap, in words (for an error message)."""
+    s = truncated_svd(weight.detach(), r + 1, SVDSettings("randomized", "float64", cache_dir="", sketch="dtype"))[1]
+    a, b = float(s[r - 1]), float(s[r])
+    return f"σ_{r} = {a:.6g} and σ_{r + 1} = {b:.6g}, a relative gap of {(a - b) / a:.1e}"

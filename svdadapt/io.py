@@ -42,7 +42,7 @@ from svdadapt.model import (
     gathered,
     start_factors,
 )
-from svdadapt.svd import SVDSettings, fingerprint, fingerprint_matches, truncated_svd
+from svdadapt.svd import fingerprint, fingerprint_matches
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter.safetensors"
@@ -431,9 +431,10 @@ def rebuilt_starts(targets: dict[str, nn.Module], cfg: AdapterConfig, tensors: d
                 starts[name] = factors
                 continue
             fit = basis.fit(saved, vars(factors), which)
-            if fit.unrotated > basis.SAME and fit.error > basis.REALIGNED and cfg.svd_cache_dir != "":
-                factors, _ = start_factors(name, module, dataclasses.replace(cfg, svd_cache_dir=""))  # a stale entry?
-                fit = basis.fit(saved, vars(factors), which)
+            if fit.unrotated > basis.SAME and cfg.svd_cache_dir != "":  # a cache entry from another machine?
+                fresh, _ = start_factors(name, module, dataclasses.replace(cfg, svd_cache_dir=""))
+                if (again := basis.fit(saved, vars(fresh), which)).error < fit.error:
+                    factors, fit = fresh, again
             if fit.error > basis.REFUSED:
                 raise ValueError(_other_basis(directory, name, module, cfg, fit.error))
             if fit.error > basis.REALIGNED:
@@ -465,13 +466,7 @@ def _other_basis(directory: Path, name: str, module: nn.Module, cfg: AdapterConf
 
     why = "random frozen factors came out differently (another torch version?)"
     if cfg.frozen_factors == "svd" or get_method(cfg.method).residual:
-        w = base_kind(module).weight(module)
-        s = truncated_svd(w.detach(), cfg.r + 1, SVDSettings("randomized", "float64", cache_dir="", sketch="dtype"))[1]
-        r = cfg.r
-        why = (
-            f"σ_{r} = {float(s[r - 1]):.6g} and σ_{r + 1} = {float(s[r]):.6g}, a relative gap of "
-            f"{float((s[r - 1] - s[r]) / s[r - 1]):.1e}, so which direction is the {r}-th depends on the machine's SVD"
-        )
+        why = f"{basis.gap(base_kind(module).weight(module), cfg.r)}, so which direction is the {cfg.r}-th depends on the machine's SVD"
     return (
         f"{directory}: layer {name!r}: the frozen factors rebuilt from the base weight span another subspace than the "
         f"ones the adapter was trained with (sketch error {error:.1e} after realignment; {why}). The reloaded model "

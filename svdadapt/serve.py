@@ -18,16 +18,19 @@ with one matmul by W for the whole batch, one batched (r, r) product, and no per
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from svdadapt import norm
+from svdadapt import basis, norm
 from svdadapt.config import AdapterConfig
+from svdadapt.io import CHECK, read_adapter
 from svdadapt.model import adapter_config, adapter_layers, find_targets, initialize_layer, replace_module, wrap
 from svdadapt.svd import fingerprint_matches
 
@@ -175,12 +178,10 @@ class AdapterBank(nn.Module):
             tensors = {f"{n}.{k}": v.detach() for n, (_, fs) in layers.items() for k, v in fs.items()}
             prints = {n: fp for n, (fp, _) in layers.items()}
         else:
-            from svdadapt.io import read_adapter
-
             meta, cfg, tensors = read_adapter(source)
             where, prints = str(Path(source)), {n: info.get("fingerprint") for n, info in meta["layers"].items()}
         self._check(cfg, prints, tensors, where)
-        self.add_tensors(name, tensors, cfg.method)
+        self.add_tensors(name, self._in_bank_basis(tensors, where), cfg.method)
 
     @torch.no_grad()
     def add_tensors(self, name: str, tensors: dict[str, torch.Tensor], method: str) -> None:
@@ -236,11 +237,68 @@ class AdapterBank(nn.Module):
             layer = self.layers[n]
             if fp and not fingerprint_matches(layer.kind.weight(layer.base_layer), fp, self.fingerprints[n]):
                 raise ValueError(f"{where}: layer {n!r} was trained on another base weight (fingerprint mismatch)")
-            for key, mine in (("A", self.layers[n].basis_A), ("B", self.layers[n].basis_B)):
-                if f"{n}.{key}" in tensors and not torch.allclose(tensors[f"{n}.{key}"].to(mine), mine, rtol=1e-4, atol=1e-6):
-                    raise ValueError(
-                        f"{where}: layer {n!r} has another frozen {key} than the bank's basis (other SVD settings or solver?)"
-                    )
+
+    @torch.no_grad()
+    def _in_bank_basis(self, tensors: dict, where: str) -> dict:
+        """The adapter's R expressed in the bank's basis: the basis it was trained with (a compact file's check,
+        or its A and B) is fitted to the bank's (`svdadapt.basis`); a rotated tie is realigned (R ← Tᵀ R T),
+        another subspace refused. While the bank is empty, a layer that disagrees first rebuilds its basis
+        without the SVD cache (whose entry may come from another machine)."""
+        out, drift, unchecked = dict(tensors), [], 0
+        for n in self.layers:
+            if f"{n}.{CHECK}" in tensors:
+                saved = tensors[f"{n}.{CHECK}"]
+            elif f"{n}.A" in tensors and f"{n}.B" in tensors:
+                saved = basis.sketch({"A": tensors[f"{n}.A"], "B": tensors[f"{n}.B"]}, ("A", "B"))
+            else:
+                unchecked += 1
+                continue
+            fit = self._fit(n, saved)
+            if fit.unrotated > basis.SAME and not self.slots and self.config.svd_cache_dir != "":
+                fit = self._rebuild_basis(n, saved, fit)
+            if fit.error > basis.REFUSED:
+                layer = self.layers[n]
+                raise ValueError(
+                    f"{where}: layer {n!r} was trained on another basis than the bank's (sketch error {fit.error:.1e} after "
+                    f"realignment; {basis.gap(layer.kind.weight(layer.base_layer), layer.r)}, so which direction is the "
+                    f"{layer.r}-th depends on the machine's SVD). Serve it alone from a full save (svdadapt.load_adapter)"
+                )
+            if fit.error > basis.REALIGNED:
+                drift.append((fit.error, n))
+            if fit.unrotated > basis.SAME:
+                t, r_mat = fit.rotation, tensors[f"{n}.R"]
+                out[f"{n}.R"] = (t.T @ r_mat.to(t) @ t).to(r_mat.dtype)
+        if unchecked:
+            warnings.warn(
+                f"{where}: a compact adapter saved before svdadapt checked rebuilt factors: whether the bank's basis is the "
+                f"one it was trained with cannot be checked for {unchecked} layers. Save it again to add the check",
+                stacklevel=3,
+            )
+        if drift:
+            err, n = max(drift)
+            warnings.warn(
+                f"{where}: its basis differs from the bank's by up to {err:.1e} (relative; layer {n!r}, {len(drift)} layers "
+                "in all): singular values near-tie at σ_r. Its outputs differ from the saved model's by about that much",
+                stacklevel=3,
+            )
+        return out
+
+    def _fit(self, name: str, saved: torch.Tensor) -> basis.Fit:
+        layer = self.layers[name]
+        return basis.fit(saved, {"A": layer.basis_A, "B": layer.basis_B}, ("A", "B"))
+
+    def _rebuild_basis(self, name: str, saved: torch.Tensor, fit: basis.Fit) -> basis.Fit:
+        """Recompute one layer's basis without the SVD cache (the bank holds no adapter yet); keep it if it
+        fits `saved` better than the cached one's `fit`. Returns the fit of the basis kept."""
+        old, fresh = self.layers[name], dataclasses.replace(self.config, svd_cache_dir="")
+        layer = wrap(name, old.base_layer, fresh)
+        initialize_layer(name, layer, fresh)
+        new = BankLayer(layer, self.routing, old.R.dtype)
+        if (again := basis.fit(saved, {"A": new.basis_A, "B": new.basis_B}, ("A", "B"))).error >= fit.error:
+            return fit
+        self.layers[name] = new
+        replace_module(self.model, name, new)
+        return again
 
     # --- running ---
 
