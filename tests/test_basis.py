@@ -1,8 +1,6 @@
 """A compact adapter reloads to the model it was saved from, or refuses: its rebuilt frozen factors are
 checked against the sketch the file stores (svdadapt.basis), through load_adapter and AdapterBank."""
 
-import copy
-import os
 import sys
 import warnings
 from types import SimpleNamespace
