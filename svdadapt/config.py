@@ -16,6 +16,7 @@ _CHOICES = {
     "singular_values_on": ("B", "A"),
     "frozen_factors": ("svd", "random"),
     "norm": ("detached", "exact"),
+    "magnitude_start": ("adapted", "base"),
     "svd_solver": SOLVERS,
     "svd_dtype": ("float32", "float64"),
     "svd_sketch": SKETCHES,
@@ -44,6 +45,11 @@ class AdapterConfig:
             paper's ablation).
         norm: "detached" treats the row norm n as a constant in backward (DoRA §4.3); "exact" lets the
             gradient flow through it.
+        magnitude_start: for edora, "adapted" starts m = ‖W0 + s·B R A‖_row, so that g = m / n = 1 and
+            the layer starts as W0 + s·B R A; "base" starts m = ‖W0‖_row, as the EDoRA authors' code
+            does (it builds peft's DoRA, whose m is ‖W0‖_row, then puts the SVD factors and R in), so
+            g starts within about s·‖B R A‖ / ‖W0‖ of 1 (3.7e-5 at most on MiniLM's query and value, r = 8,
+            σ = 1e-5).
         svd_solver: "full" or "randomized".
         svd_dtype: precision of the SVD, "float32" or "float64", whatever the model's dtype.
         svd_oversample: randomized solver's extra directions.
@@ -64,6 +70,7 @@ class AdapterConfig:
     singular_values_on: str = "B"
     frozen_factors: str = "svd"
     norm: str = "detached"
+    magnitude_start: str = "adapted"
     svd_solver: str = _SVD.solver  # the SVD settings' defaults live in svdadapt.svd.SVDSettings alone
     svd_dtype: str = _SVD.dtype
     svd_oversample: int = _SVD.oversample

@@ -102,7 +102,7 @@ class AdapterLayer(nn.Module):
 
     @torch.no_grad()
     def initialize(self, factors: Factors) -> None:
-        """Set start values; rewrite W to W0 − s·B A for residual methods; m = ‖V‖_row."""
+        """Set start values; rewrite W to W0 − s·B A for residual methods; m = ‖V‖_row unless the factors give m."""
         if self.lora_A.is_meta:
             raise RuntimeError("AdapterLayer.initialize: the layer is on the meta device; materialise it first")
         self.lora_A.copy_(factors.A)
@@ -115,7 +115,7 @@ class AdapterLayer(nn.Module):
             self._rewrite_residual(self.lora_A, self.lora_B)
         self.refresh()
         if self.magnitude is not None:
-            self.magnitude.copy_(self.row_norm())
+            self.magnitude.copy_(self.row_norm() if factors.magnitude is None else factors.magnitude)
             self.init_magnitude = self.magnitude.detach().clone()  # to measure how far m moves in training
 
     def _rewrite_residual(self, a0: torch.Tensor, b0: torch.Tensor) -> None:

@@ -18,12 +18,13 @@ from dataclasses import dataclass
 
 import torch
 
+from svdadapt import norm
 from svdadapt.svd import truncated_svd
 
 FACTORS = ("A", "B", "R", "magnitude")
 # AdapterConfig fields that only some methods read (the SVD settings are not among them: they say how
 # an SVD is computed, for whichever method takes one, so one recipe serves every method)
-METHOD_OPTIONS = ("sigma", "singular_values_on", "frozen_factors", "norm")
+METHOD_OPTIONS = ("sigma", "singular_values_on", "frozen_factors", "norm", "magnitude_start")
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class Factors:
     A: torch.Tensor  # (r, in)
     B: torch.Tensor  # (out, r)
     R: torch.Tensor | None = None  # (r, r)
+    magnitude: torch.Tensor | None = None  # (out,): m's start; None: ‖W + s·B (R) A‖_row, so that g = 1
 
 
 @dataclass
@@ -189,7 +191,11 @@ def _frozen_basis(weight: torch.Tensor, ctx: InitContext) -> Factors:
     else:
         u, s, vh = ctx.svd(weight)
         a, b = (vh, u * s) if cfg.singular_values_on == "B" else (s[:, None] * vh, u)
-    return Factors(A=a, B=b, R=ctx.normal(r, r, cfg.sigma, dtype=a.dtype))
+    m = None
+    if cfg.magnitude_start == "base":  # the EDoRA authors' start: ‖W0‖_row, before R and the factors enter
+        wide = torch.promote_types(weight.dtype, a.dtype)
+        m = torch.cat([torch.linalg.vector_norm(blk, dim=1) for blk in norm.row_blocks(weight, wide)])
+    return Factors(A=a, B=b, R=ctx.normal(r, r, cfg.sigma, dtype=a.dtype), magnitude=m)
 
 
 _BASIS = ("sigma", "singular_values_on", "frozen_factors")
@@ -200,4 +206,6 @@ register_method("dude", trainable=("A", "B", "magnitude"), magnitude=True, resid
     _principal
 )
 register_method("loraxs", trainable=("R",), has_R=True, options=_BASIS)(_frozen_basis)
-register_method("edora", trainable=("R", "magnitude"), magnitude=True, has_R=True, options=(*_BASIS, "norm"))(_frozen_basis)
+register_method("edora", trainable=("R", "magnitude"), magnitude=True, has_R=True, options=(*_BASIS, "norm", "magnitude_start"))(
+    _frozen_basis
+)

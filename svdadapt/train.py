@@ -275,6 +275,7 @@ def variant_label(cfg) -> str:
         extras += ["random A,B"] if cfg.frozen_factors == "random" else []
         extras += ["Σ on A"] if cfg.singular_values_on == "A" else []
     extras += ["exact norm"] if cfg.norm == "exact" and method.magnitude else []
+    extras += ["m = ‖W0‖"] if cfg.magnitude_start == "base" else []
     return cfg.method + (f" ({', '.join(extras)})" if extras else "")
 
 

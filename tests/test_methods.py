@@ -129,6 +129,38 @@ def test_magnitude_starts_at_the_row_norm():
         torch.testing.assert_close(layer.magnitude.detach(), w0.norm(dim=1), rtol=1e-12, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_edora_magnitude_start_base_reproduces_the_authors_forward(dtype):
+    """magnitude_start="base" (the EDoRA authors' code: peft's DoRA m = ‖W0‖_row, then A = Σ_rV_rᵀ, B = U_r
+    and R put in) against their forward computed here in float64 from W0, A, B, R alone:
+    y = ‖W0‖_row / ‖W0 + s·B R A‖_row ⊙ (W0 x + s·B R A x) + bias."""
+    torch.manual_seed(0)
+    lin = nn.Linear(40, 24).to(dtype)
+    w0, bias = lin.weight.detach().double().clone(), lin.bias.detach().double().clone()
+    model = nn.Sequential(lin)
+    cfg = svdadapt.AdapterConfig(
+        method="edora", r=4, target_modules=["0"], singular_values_on="A", sigma=0.3, magnitude_start="base"
+    )
+    layer = svdadapt.apply(model, cfg)[0]
+    a, b, rr = (t.detach().double() for t in (layer.lora_A, layer.lora_B, layer.lora_R))
+    v = w0 + cfg.scaling * b @ rr @ a
+    x = torch.randn(5, 40, dtype=torch.float64)
+    want = (x @ v.T) * (w0.norm(dim=1) / v.norm(dim=1)) + bias
+    got = model(x.to(dtype)).double()
+    assert float((got - want).norm() / want.norm()) <= (1e-12 if dtype == torch.float64 else 1e-6)
+    # the default start ("adapted", next test) is V = W0 + s·B R A itself, with g = 1; the authors' is not
+    assert float((want - (x @ v.T + bias)).norm() / want.norm()) > 1e-3
+
+
+def test_edora_magnitude_start_adapted_makes_g_one():
+    model, layer, w0, cfg = adapted("edora", sigma=0.3)
+    a, b, rr = (t.detach() for t in (layer.lora_A, layer.lora_B, layer.lora_R))
+    v = w0 + cfg.scaling * b @ rr @ a  # float64 throughout
+    x = torch.randn(3, 40, dtype=torch.float64)
+    torch.testing.assert_close(model(x), x @ v.T + layer.base_layer.bias, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(layer.magnitude.detach(), v.norm(dim=1), rtol=1e-12, atol=0)
+
+
 def test_same_seed_same_start_values_and_per_layer_streams():
     m1, l1, _, _ = adapted("lora")
     m2, l2, _, _ = adapted("lora")
