@@ -50,7 +50,8 @@ class AdapterConfig:
             does (it builds peft's DoRA, whose m is ‖W0‖_row, then puts the SVD factors and R in), so
             g starts within about s·‖B R A‖ / ‖W0‖ of 1 (3.7e-5 at most on MiniLM's query and value, r = 8,
             σ = 1e-5).
-        svd_solver: "full" or "randomized".
+        svd_solver: "auto" (full where min(out, in) <= 1024, else randomized; each layer's choice is
+            recorded in the adapter file and kept on reload), "full" or "randomized".
         svd_dtype: precision of the SVD, "float32" or "float64", whatever the model's dtype.
         svd_oversample: randomized solver's extra directions.
         svd_niter: randomized solver's power iterations.

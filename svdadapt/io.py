@@ -42,7 +42,7 @@ from svdadapt.model import (
     gathered,
     start_factors,
 )
-from svdadapt.svd import fingerprint, fingerprint_matches
+from svdadapt.svd import fingerprint, fingerprint_matches, solver_for
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter.safetensors"
@@ -166,6 +166,8 @@ def adapter_state(model: nn.Module, compact: bool) -> tuple[dict[str, torch.Tens
                 start = {"A": layer.init_A, "B": layer.init_B} if layer.method.residual else layer.factors()
                 tensors[f"{name}.{CHECK}"] = basis.sketch(start, which)
         layers[name] = {"shape": [layer.out_features, layer.in_features], "fingerprint": layer.base_fingerprint}
+        if cfg.svd_solver == "auto":  # the solver "auto" chose: a reload rebuilds with it whatever "auto" means then
+            layers[name]["svd_solver"] = solver_for("auto", (layer.out_features, layer.in_features))
     for name, module in find_modules_to_save(model, cfg.modules_to_save):
         with gathered(module, modify=False):
             for pname, p in module.named_parameters():
@@ -240,6 +242,10 @@ def read_adapter_meta(directory: str | os.PathLike) -> tuple[dict, AdapterConfig
     for name, info in meta["layers"].items():
         if not isinstance(info, dict) or not isinstance(info.get("shape"), list) or len(info["shape"]) != 2:
             raise ValueError(f"{path}: layers[{name!r}] must be an object with a two-entry 'shape'; save the adapter again")
+        if info.get("svd_solver", "full") not in ("full", "randomized"):
+            raise ValueError(
+                f"{path}: layers[{name!r}].svd_solver is {info['svd_solver']!r}, not 'full' or 'randomized'; save the adapter again"
+            )
     names = {f.name for f in dataclasses.fields(AdapterConfig)}
     if unknown := sorted(set(meta["config"]) - names):
         raise ValueError(
@@ -415,14 +421,19 @@ def _extra_tensors(d: Path, meta: dict, cfg: AdapterConfig, extra: list[str]) ->
     )
 
 
-def rebuilt_starts(targets: dict[str, nn.Module], cfg: AdapterConfig, tensors: dict, directory: Path) -> dict:
-    """The start factors of a compact adapter's layers, rebuilt from the base weights and checked against
-    the file's `basis_check` (see `svdadapt.basis`): realigned where a tie was rotated, recomputed without
-    the SVD cache where a cache entry disagrees, refused (`ValueError`, naming the layer and the gap at σ_r)
-    where the rebuilt subspace is another one. Changes nothing in the model."""
+def rebuilt_starts(
+    targets: dict[str, nn.Module], cfg: AdapterConfig, tensors: dict, directory: Path, solvers: dict[str, str]
+) -> dict:
+    """The start factors of a compact adapter's layers, rebuilt from the base weights (each with the SVD
+    solver `solvers` records for it, if any) and checked against the file's `basis_check` (see
+    `svdadapt.basis`): realigned where a tie was rotated, recomputed without the SVD cache where a cache
+    entry disagrees, refused (`ValueError`, naming the layer and the gap at σ_r) where the rebuilt subspace
+    is another one. Changes nothing in the model."""
     which = basis.rebuilt(get_method(cfg.method))
     starts, drift, unchecked = {}, [], []
+    base_cfg = cfg
     for name, module in targets.items():
+        cfg = dataclasses.replace(base_cfg, svd_solver=solvers[name]) if name in solvers else base_cfg
         with gathered(module, modify=False), torch.no_grad():
             factors, _ = start_factors(name, module, cfg)
             saved = tensors.get(f"{name}.{CHECK}")
@@ -513,7 +524,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, *, check_finger
     for k, shape in shapes.items():
         if k in tensors and tuple(tensors[k].shape) != tuple(shape):
             raise ValueError(f"{d / WEIGHTS_FILE}: tensor {k!r} has shape {tuple(tensors[k].shape)}, expected {tuple(shape)}")
-    starts = rebuilt_starts(targets, cfg, tensors, d) if meta.get("compact", False) else {}
+    solvers = {n: info["svd_solver"] for n, info in saved.items() if "svd_solver" in info}
+    starts = rebuilt_starts(targets, cfg, tensors, d, solvers) if meta.get("compact", False) else {}
     apply(model, cfg, initialize=False)
     with torch.no_grad():
         for name, layer in adapter_layers(model):

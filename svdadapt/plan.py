@@ -34,6 +34,7 @@ import torch
 from svdadapt.bench.common import PeakTensorBytes
 from svdadapt.model import adapter_layers, apply
 from svdadapt.recipe import Recipe, load_recipe
+from svdadapt.svd import solver_for
 
 GB = 1e9
 STAGES = ("none", "zero2", "zero3")
@@ -217,7 +218,7 @@ def init_cost(model: torch.nn.Module, recipe: Recipe) -> tuple[float, int]:
     for _, layer in adapter_layers(model):
         o, i = layer.out_features, layer.in_features
         big, small = max(o, i), min(o, i)
-        if cfg.svd_solver == "full":
+        if solver_for(cfg.svd_solver, (o, i)) == "full":
             flops += 4 * big * small**2 + 8 * small**3  # a thin SVD (LAPACK gesdd)
         else:  # sketch, power iterations, Qᵀ W; the QRs of every basis
             p = min(cfg.r + cfg.svd_oversample, small)

@@ -32,7 +32,7 @@ from svdadapt import basis, norm
 from svdadapt.config import AdapterConfig
 from svdadapt.io import CHECK, read_adapter
 from svdadapt.model import adapter_config, adapter_layers, find_targets, initialize_layer, replace_module, wrap
-from svdadapt.svd import fingerprint_matches
+from svdadapt.svd import fingerprint_matches, solver_for
 
 SERVABLE = ("edora", "loraxs")
 _BASIS_FIELDS = (
@@ -40,7 +40,6 @@ _BASIS_FIELDS = (
     "resolved_alpha",
     "frozen_factors",
     "singular_values_on",
-    "svd_solver",
     "svd_dtype",
     "svd_oversample",
     "svd_niter",
@@ -226,6 +225,13 @@ class AdapterBank(nn.Module):
             if getattr(cfg, f) != getattr(self.config, f):
                 raise ValueError(
                     f"{where}: its {f}={getattr(cfg, f)!r} differs from the bank's {getattr(self.config, f)!r}; it needs another bank"
+                )
+        for n, layer in self.layers.items():  # "auto" and the solver it picks for this shape are the same
+            theirs, mine = (solver_for(c.svd_solver, (layer.out_features, layer.A.shape[1])) for c in (cfg, self.config))
+            if theirs != mine:
+                raise ValueError(
+                    f"{where}: layer {n!r} was initialised with the {theirs} SVD solver (svd_solver={cfg.svd_solver!r}) and "
+                    f"the bank's with the {mine} one (svd_solver={self.config.svd_solver!r}); it needs another bank"
                 )
         if cfg.modules_to_save:
             raise ValueError(

@@ -12,6 +12,7 @@ first r triplets, bit-identical to a fresh rank-r one); a randomized one only at
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import os
 import re
@@ -22,7 +23,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-SOLVERS = ("full", "randomized")
+SOLVERS = ("auto", "full", "randomized")
+AUTO_FULL_MAX = 1024  # "auto": the full solver where min(out, in) <= this, else the randomized one
 SKETCHES = ("weight", "dtype")
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -32,7 +34,11 @@ class SVDSettings:
     """How a truncated SVD is computed.
 
     Attributes:
-        solver: "full" (`torch.linalg.svd`) or "randomized" (range finder with power iterations).
+        solver: "full" (`torch.linalg.svd`), "randomized" (range finder with power iterations) or
+            "auto" (the default): full where min(out, in) <= `AUTO_FULL_MAX` (1024), randomized above
+            (`solver_for`). On this 2-core CPU a rank-16 full SVD takes 0.28 s at 1024x1024, 0.52 s at
+            4096x1024 and 1.5 s at 2048x2048, 7-30x the randomized one's time, whose top singular values
+            are then 1.3-2e-3 (relative) from the full one's on flat (random) spectra.
         dtype: "float32" or "float64", the precision of the computation whatever the weight's dtype.
         oversample: extra random directions for the randomized solver (more: more accurate).
         niter: power iterations for the randomized solver (more: more accurate on flat spectra).
@@ -47,7 +53,7 @@ class SVDSettings:
     Skinny products are memory-bound, so 64 sketch columns cost about what 32 do.
     """
 
-    solver: str = "full"
+    solver: str = "auto"
     dtype: str = "float32"
     oversample: int = 48
     niter: int = 3
@@ -55,9 +61,17 @@ class SVDSettings:
     sketch: str = "weight"
 
     def key(self) -> str:
+        """The cache's name for these settings (of a resolved solver: "auto" is resolved per weight first)."""
         if self.solver == "full":
             return f"full-{self.dtype}"
         return f"randomized-{self.dtype}-p{self.oversample}-q{self.niter}-{self.sketch}"
+
+
+def solver_for(solver: str, shape) -> str:
+    """The solver `truncated_svd` runs for a weight of `shape` (out, in): "auto" resolved, the others as given."""
+    if solver != "auto":
+        return solver
+    return "full" if min(shape) <= AUTO_FULL_MAX else "randomized"
 
 
 def default_cache_dir() -> Path:
@@ -218,6 +232,7 @@ def truncated_svd(
         raise ValueError(f"svd sketch {settings.sketch!r} is not one of {SKETCHES}")
     if not 1 <= r <= min(weight.shape):
         raise ValueError(f"svd rank r={r} must be in [1, {min(weight.shape)}] for a weight of shape {tuple(weight.shape)}")
+    settings = dataclasses.replace(settings, solver=solver_for(settings.solver, weight.shape))
     dtype = _DTYPES[settings.dtype]
     cache = None if settings.cache_dir == "" else Path(settings.cache_dir or default_cache_dir())
     if cache is not None:

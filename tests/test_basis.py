@@ -309,3 +309,23 @@ def test_the_check_is_small_and_the_same_on_every_machine():
     model = trained(weight(TIED), "edora")
     check = basis.sketch(model.l.factors(), ("A", "B"))
     assert check.shape == (8, 2 * (8 + basis.EXTRA_COLUMNS)) and check.numel() * 4 <= 1024  # bytes, r = 8
+
+
+def test_auto_solver_is_recorded_per_layer_and_kept_on_reload(tmp_path, monkeypatch):
+    """A compact reload rebuilds each layer with the solver "auto" chose at save time, even if what "auto"
+    means changes (here: its size limit raised, so it would pick the full solver now)."""
+    import json
+
+    w = torch.randn(1030, 1040, generator=torch.Generator().manual_seed(0)) / 32
+    model = trained(w, "edora", svd_solver="auto")
+    svdadapt.save_adapter(model, tmp_path / "a", compact=True)
+    layers = json.loads((tmp_path / "a" / "adapter_config.json").read_text())["layers"]
+    assert layers["l"]["svd_solver"] == "randomized"
+    monkeypatch.setattr(svd_module, "AUTO_FULL_MAX", 4096)
+    x = torch.randn(2, 3, 1040, generator=torch.Generator().manual_seed(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = svdadapt.load_adapter(Toy(w).eval(), tmp_path / "a")
+    assert torch.equal(again(x).logits, model(x).logits)
+    full = svdadapt.apply(Toy(w), config("edora", svd_solver="auto")).l.lora_A  # what "auto" gives now: another basis
+    assert rel(full, model.l.lora_A) > 1e-4

@@ -221,3 +221,17 @@ def test_one_thread_section_leaves_other_threads_alone():
     assert seen["main"] == before and torch.get_num_threads() == before
     if "OpenMP" in torch.__config__.parallel_info() and before > 1:
         assert seen["inside"] == 1
+
+
+def test_auto_solver_is_full_up_to_1024_and_randomized_above():
+    from svdadapt.svd import AUTO_FULL_MAX, solver_for
+
+    assert AUTO_FULL_MAX == 1024 and SVDSettings().solver == "auto"
+    assert [solver_for("auto", s) for s in [(1024, 4096), (4096, 1024), (1025, 4096)]] == ["full", "full", "randomized"]
+    assert solver_for("full", (4096, 4096)) == "full" and solver_for("randomized", (8, 8)) == "randomized"
+    gen = torch.Generator().manual_seed(0)
+    for shape, solver in [((64, 48), "full"), ((1030, 1025), "randomized")]:
+        w = torch.randn(*shape, generator=gen)
+        auto = truncated_svd(w, 4, SVDSettings(cache_dir=""))
+        same = truncated_svd(w, 4, SVDSettings(solver=solver, cache_dir=""))
+        assert all(torch.equal(a, b) for a, b in zip(auto, same)), shape
