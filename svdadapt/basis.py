@@ -20,6 +20,7 @@ Procrustes fit X ≈ T X' (T is r×r):
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -110,3 +111,23 @@ def gap(weight: torch.Tensor, r: int) -> str:
     s = truncated_svd(weight.detach(), r + 1, SVDSettings("randomized", "float64", cache_dir="", sketch="dtype"))[1]
     a, b = float(s[r - 1]), float(s[r])
     return f"σ_{r} = {a:.6g} and σ_{r + 1} = {b:.6g}, a relative gap of {(a - b) / a:.1e}"
+
+
+def warn_unchecked_and_drift(where: str, unchecked: int, drift: list[tuple[float, str]], rebuilt_by: str) -> None:
+    """One warning for layers that could not be checked (a file saved before the check) and one for layers
+    realigned with an error above `REALIGNED` ((error, layer) pairs); `rebuilt_by` names whose basis it is."""
+    if unchecked:
+        warnings.warn(
+            f"{where}: a compact adapter saved before svdadapt checked rebuilt factors: whether {rebuilt_by} is the one "
+            f"it was trained with (the same where singular values tie) cannot be checked for {unchecked} layers. "
+            "Save it again (compact or full) to add the check",
+            stacklevel=4,
+        )
+    if drift:
+        err, name = max(drift)
+        warnings.warn(
+            f"{where}: {rebuilt_by} differs from the saved one by up to {err:.1e} (relative; layer {name!r}, {len(drift)} "
+            "layers in all): singular values near-tie at σ_r. The model differs from the saved one by about that much; "
+            "a full save reloads exactly",
+            stacklevel=4,
+        )

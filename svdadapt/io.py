@@ -453,21 +453,7 @@ def rebuilt_starts(
             if fit.unrotated > basis.SAME:
                 factors = dataclasses.replace(factors, **basis.realigned({"A": factors.A, "B": factors.B}, fit.rotation))
             starts[name] = factors
-    if unchecked:
-        warnings.warn(
-            f"{directory / WEIGHTS_FILE} is a compact adapter saved before svdadapt checked rebuilt factors: whether "
-            f"this machine's SVD returns the basis it was trained with (the same where singular values tie) cannot be "
-            f"checked for {len(unchecked)} layers. Save it again (compact or full) to add the check",
-            stacklevel=3,
-        )
-    if drift:
-        err, name = max(drift)
-        warnings.warn(
-            f"{directory}: the frozen factors rebuilt here differ from the saved ones by up to {err:.1e} (relative; layer "
-            f"{name!r}, {len(drift)} layers in all): singular values near-tie at σ_r, and this machine's SVD splits them "
-            "otherwise. The model differs from the saved one by about that much; a full save reloads exactly",
-            stacklevel=3,
-        )
+    basis.warn_unchecked_and_drift(str(directory), len(unchecked), drift, "the basis this machine's SVD rebuilt")
     return starts
 
 

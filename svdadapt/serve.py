@@ -22,7 +22,6 @@ import dataclasses
 import os
 import threading
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -274,19 +273,7 @@ class AdapterBank(nn.Module):
             if fit.unrotated > basis.SAME:
                 t, r_mat = fit.rotation, tensors[f"{n}.R"]
                 out[f"{n}.R"] = (t.T @ r_mat.to(t) @ t).to(r_mat.dtype)
-        if unchecked:
-            warnings.warn(
-                f"{where}: a compact adapter saved before svdadapt checked rebuilt factors: whether the bank's basis is the "
-                f"one it was trained with cannot be checked for {unchecked} layers. Save it again to add the check",
-                stacklevel=3,
-            )
-        if drift:
-            err, n = max(drift)
-            warnings.warn(
-                f"{where}: its basis differs from the bank's by up to {err:.1e} (relative; layer {n!r}, {len(drift)} layers "
-                "in all): singular values near-tie at σ_r. Its outputs differ from the saved model's by about that much",
-                stacklevel=3,
-            )
+        basis.warn_unchecked_and_drift(where, unchecked, drift, "the bank's basis")
         return out
 
     def _fit(self, name: str, saved: torch.Tensor) -> basis.Fit:
