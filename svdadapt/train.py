@@ -448,8 +448,27 @@ def cli(argv: list[str] | None = None) -> int:
         run(recipe, resume=args.resume, overwrite=args.overwrite)
     except ValueError as e:
         print(f"svdadapt train: {e}", file=sys.stderr)
+        _close_process_group(wait=False)
         return 2
+    _close_process_group(wait=True)
     return 0
+
+
+def _close_process_group(wait: bool) -> None:
+    """Leave the process group the launcher opened, so no rank exits while gloo's threads still run.
+
+    Without it a rank can abort at interpreter exit ("terminate called without an active exception")
+    after a run that finished and saved. `wait` holds each rank until all are done; a rank that failed
+    does not wait, since the others may never arrive.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        try:
+            if wait:
+                dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 __all__ = ["RunResult", "check_output_dir", "check_sources", "cli", "complete_checkpoints", "param_groups", "resolve_path", "run"]

@@ -363,6 +363,26 @@ def test_cli_reports_errors_with_exit_code_2(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("fails", [False, True])
+def test_cli_leaves_the_process_group_it_ran_in(tmp_path, monkeypatch, fails):
+    """A rank that exits with gloo's threads still running can abort after a finished run; the command
+    closes the group itself, after a barrier when the run succeeded."""
+    import torch.distributed as dist
+
+    import svdadapt.train as train
+
+    path = tmp_path / "r.yaml"
+    path.write_text("model: {name_or_path: m}\nadapter: {method: edora}\n" + ("traning: {}\n" if fails else ""))
+    monkeypatch.setattr(train, "run", lambda recipe, **kw: None)
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        assert cli([str(path)]) == (2 if fails else 0)
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 # --- DeepSpeed and torchrun, as subprocesses (slow) ----------------------------------------------
 
 
