@@ -16,16 +16,16 @@ in forward or backward, for any method.
 from __future__ import annotations
 
 import contextlib
+import operator
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from svdadapt import norm
 from svdadapt.kinds import Conv1DKind, LinearKind, base_kind
 from svdadapt.methods import Factors, Method
 
-_NO_CONTEXT = contextlib.nullcontext()
+_VERSION = operator.attrgetter("_version")  # a tensor's in-place change counter
 
 # --- the layer -----------------------------------------------------------------------------
 
@@ -77,9 +77,11 @@ class AdapterLayer(nn.Module):
         self.init_A: torch.Tensor | None = None
         self.init_B: torch.Tensor | None = None
         self._a_version = -1  # lora_A._version when _C and _G were computed
-        self._g: torch.Tensor | None = None  # g = m / n kept by `_inference_step`, valid for _g_key
-        self._folded: tuple | None = None  # (R A, (s·g ⊙ B)ᵀ) kept by `_inference_step`, valid for _g_key
-        self._g_key: list | None = None
+        # kept by `_inference_forward`: g = m / n and ((R A)ᵀ, (s·g ⊙ B)ᵀ, bias), valid for _stamp:
+        # (the tensors they were folded from, those not None, the sum of their version counters)
+        self._g: torch.Tensor | None = None
+        self._folded: tuple | None = None
+        self._stamp: tuple | None = None
         self.base_fingerprint: str | None = None  # of W0, set by whoever initialises the layer
 
     # --- what the adapter owns (structural: model.py and io.py ask the layer) ---
@@ -127,7 +129,7 @@ class AdapterLayer(nn.Module):
     def refresh(self) -> None:
         """Recompute the cached frozen quantities (after initialising or loading factors)."""
         self._w_sq = norm.row_sq(self.kind.row_blocks(self.base_layer, self.lora_A.dtype))
-        self._C = self._G = self._g = self._g_key = None
+        self._C = self._G = self._g = self._stamp = None
         self._c_and_g()  # caches C and G when A is frozen
 
     @torch.no_grad()
@@ -201,54 +203,78 @@ class AdapterLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., in) -> (..., out), in the base layer's output dtype (autocast's under autocast)."""
-        if self.base_layer.weight.requires_grad:
+        if not self.training and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            return self._inference_forward(x)  # eval mode: dropout is the identity
+        base = self.base_layer
+        if base.weight.requires_grad:
             raise RuntimeError(
                 f"the base weight under this {self.method.name} adapter has requires_grad=True; an adapter layer keeps "
                 "it frozen (its row norms are cached). Train the adapter's factors, or list the module in modules_to_save"
             )
-        y = self.kind.forward(self.base_layer, x, bias=self.magnitude is None)  # (..., out): x Wᵀ (+ bias)
+        y = self.kind.forward(base, x, bias=self.magnitude is None)  # (..., out): x Wᵀ (+ bias)
+        args = (y, self.dropout(x), self.lora_A, self.lora_B, self.lora_R, self.magnitude, self.bias, self)
         dev = y.device.type
-        # the step casts explicitly: autocast must not recast its float32 parts
-        with torch.autocast(dev, enabled=False) if dev != "meta" and torch.is_autocast_enabled(dev) else _NO_CONTEXT:
-            if not self.training and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
-                return self._inference_step(y, x)  # eval mode: dropout is the identity
-            xd = self.dropout(x)
-            return _AdapterStep.apply(y, xd, self.lora_A, self.lora_B, self.lora_R, self.magnitude, self.bias, self)
+        if dev == "meta" or not torch.is_autocast_enabled(dev):
+            return _AdapterStep.apply(*args)
+        with torch.autocast(dev, enabled=False):  # the step casts explicitly: autocast must not recast its parts
+            return _AdapterStep.apply(*args)
 
-    def _inference_step(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def _inference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The step's forward without autograd (eval mode, gradients off), from factors folded once:
 
-            out = (g ⊙ y + bias) + (x A'ᵀ) B'ᵀ,   A' = R A (r, in),  B' = s·g ⊙ B (out, r)
+            out = (g ⊙ y + bias) + (x A'ᵀ) B'ᵀ,   y = x Wᵀ,   A' = R A (r, in),  B' = s·g ⊙ B (out, r)
 
-        in the adapter's dtype, rounded once to y's, as in training. A', B' and g = m / n are kept between
-        calls, so generation pays for the norm once, not per token, and a step is two small GEMMs and one
-        elementwise pass. They are folded again when a factor or the base weight is changed in place or
-        replaced (version counters, storage), and on every return to train mode. Called with gradients off."""
-        a, b, rr, m, w = self.lora_A, self.lora_B, self.lora_R, self.magnitude, self.base_layer.weight
-        key = [a._version, b._version, w._version, a.data_ptr(), b.data_ptr(), w.data_ptr()]
-        for t in (rr, m):
-            if t is not None:
-                key += (t._version, t.data_ptr())
-        if self._g_key != key:
+        in the adapter's dtype, rounded once to y's dtype, as in training. A'ᵀ and B'ᵀ (transposed, so a
+        token is two plain GEMMs), g = m / n and the bias are kept between calls: generation pays for the
+        norm once, not per token. They are folded again when a factor, the base weight or the bias is
+        changed in place (version counters: each only grows, so their sum moves with any of them) or
+        replaced by another tensor, on `refresh()`, and on every return to train mode. Assigning `.data`
+        bypasses the counters: call `refresh()` after it. The check reads counters, not storage
+        pointers, and allocates little: on a small model it is a measurable part of a decoding step."""
+        base = self.base_layer
+        watched = (*self._parameters.values(), *base._parameters.values())  # the factors, W and the bias
+        stamp = self._stamp
+        if (
+            stamp is None
+            or len(watched) != len(stamp[0])
+            or not all(map(operator.is_, watched, stamp[0]))
+            or sum(map(_VERSION, stamp[1])) != stamp[2]
+        ):
+            self._fold()
+            live = tuple(t for t in watched if t is not None)
+            self._stamp = (watched, live, sum(map(_VERSION, live)))
+        g, (a_t, b_t, bias_f) = self._g, self._folded
+        dev = "cpu" if x.is_cpu else "cuda" if x.is_cuda else x.device.type
+        if dev != "meta" and torch.is_autocast_enabled(dev):
+            with torch.autocast(dev, enabled=False):  # the factors are cast explicitly, as in training
+                h = norm.times_at(x.reshape(-1, x.shape[-1]), a_t.T)
+            y = self.kind.forward(base, x, bias=g is None)  # autocast's dtype, as the base runs alone
+            with torch.autocast(dev, enabled=False):
+                return _combine_folded(y, h, b_t, g, bias_f)
+        # what follows the base GEMM is kept to few Python steps: on a small model that GEMM evicts the caches
+        x2 = x.reshape(-1, x.shape[-1])
+        same = x.dtype == a_t.dtype
+        y = self.kind.forward(base, x, bias=g is None)
+        h = torch.mm(x2, a_t) if same else norm.times_at(x2, a_t.T)  # (tokens, r), A at its own precision
+        z = torch.mm(h, b_t) if bias_f is None else torch.addmm(bias_f, h, b_t)  # (tokens, out), adapter's dtype
+        z = (z.add_(y.reshape(z.shape)) if g is None else z.addcmul_(y.reshape(z.shape), g)).view(y.shape)
+        return z if z.dtype == y.dtype else z.to(y.dtype)
+
+    @torch.no_grad()
+    def _fold(self) -> None:
+        """Keep g = m / n, A'ᵀ = (R A)ᵀ, B'ᵀ = (s·g ⊙ B)ᵀ and the bias (with m only) for `_inference_forward`."""
+        a, b, rr, m, bias = self.lora_A, self.lora_B, self.lora_R, self.magnitude, self.bias
+        dev = a.device.type
+        with torch.autocast(dev, enabled=False) if dev != "meta" else contextlib.nullcontext():  # adapter's dtype
             g = None if m is None else m / self.row_norm()
             a_eff = a if rr is None else rr @ a
             b_eff = b * self.scaling if g is None else b * (self.scaling * g)[:, None]
-            self._g, self._folded, self._g_key = g, (a_eff, b_eff.to(a_eff.dtype)), key  # one dtype (ZeRO casts all)
-        g, (a_eff, b_eff) = self._g, self._folded
-        if x.dtype == a_eff.dtype:
-            h = F.linear(x, a_eff)  # (..., r)
-        else:  # A at its own precision, as in training
-            h = norm.times_at(x.reshape(-1, x.shape[-1]), a_eff).view(*x.shape[:-1], -1)
-        low = F.linear(h, b_eff, None if g is None else self._bias_as(a_eff.dtype))  # (..., out)
-        z = low.add_(y) if g is None else torch.addcmul(low, y, g)  # in the adapter's dtype
-        return z if z.dtype == y.dtype else z.to(y.dtype)
-
-    def _bias_as(self, dtype: torch.dtype) -> torch.Tensor | None:
-        bias = self.bias
-        return bias if bias is None or bias.dtype == dtype else bias.to(dtype)
+        dtype = a_eff.dtype  # one dtype (ZeRO casts all)
+        bias_f = None if g is None or bias is None else bias.to(dtype)
+        self._g, self._folded = g, (a_eff.T.contiguous(), b_eff.T.to(dtype).contiguous(), bias_f)
 
     def train(self, mode: bool = True):
-        self._g = self._g_key = None  # training may change factors behind the version counters (e.g. through .data)
+        self._g = self._stamp = None  # training may change factors behind the version counters (e.g. through .data)
         return super().train(mode)
 
     # --- merge ---
@@ -267,6 +293,14 @@ class AdapterLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"method={self.method.name}, r={self.r}, scaling={self.scaling:g}, exact_norm={self.exact_norm}"
+
+
+def _combine_folded(y: torch.Tensor, h: torch.Tensor, b_t: torch.Tensor, g, bias) -> torch.Tensor:
+    """(g ⊙ y + bias) + h B'ᵀ in the adapter's dtype, rounded once to y's: `_inference_forward`'s combine."""
+    z = torch.mm(h, b_t) if bias is None else torch.addmm(bias, h, b_t)  # (tokens, out)
+    z = z.add_(y.reshape(z.shape)) if g is None else z.addcmul_(y.reshape(z.shape), g)
+    z = z.view(y.shape)
+    return z if z.dtype == y.dtype else z.to(y.dtype)
 
 
 def _combine(y2: torch.Tensor, h: torch.Tensor, b: torch.Tensor, s: float, g, bias) -> torch.Tensor:

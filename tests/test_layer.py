@@ -175,6 +175,25 @@ def test_inference_path_folds_once_and_again_after_a_change(monkeypatch):
     torch.testing.assert_close(replaced, layer(x).detach(), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_inference_path_sees_the_base_bias_and_refresh(method):
+    """The kept fold covers the base layer's tensors too: a bias changed in place moves the output by
+    exactly that change; after `.data` is assigned (no version counter moves) `refresh()` folds again."""
+    layer, _ = wrap(method, bias=True)
+    randomize(layer)
+    layer.eval()
+    x = torch.randn(3, 40, dtype=torch.float64)
+    with torch.no_grad():
+        before = layer(x)
+        layer.base_layer.bias.add_(1.0)
+        torch.testing.assert_close(layer(x), before + 1.0, rtol=0, atol=1e-12)
+        layer.lora_B.data = layer.lora_B.detach() * 2 + 0.1
+        layer.refresh()
+        folded = layer(x)
+    layer.train()
+    torch.testing.assert_close(folded, layer(x).detach(), rtol=1e-12, atol=1e-12)
+
+
 def test_exact_norm_switch_changes_only_the_gradient():
     det, _ = wrap("edora", norm="detached")
     ex, _ = wrap("edora", norm="exact")
