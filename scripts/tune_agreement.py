@@ -1,0 +1,84 @@
+"""Whether the rate `svdadapt tune` picks scores on dev within the bootstrap interval of the best rate.
+
+    python scripts/tune_agreement.py docs/results/glue_minilm_tuned/runs
+
+Reads the committed round-two searches (seed 0, every rate of each arm's grid) and, per task and arm,
+applies tune's own selection (`svdadapt.tune.select`: best validation metric on the split held out of
+training, ties to the lower validation loss). Round two's runs are those tune would run for that recipe
+at that grid (`--rates`), so its pick is the search's. Prints the rate picked on validation, the rate
+with the best dev score, the best rate's 95% percentile bootstrap interval over dev examples, the dev
+difference best − pick with its paired interval, and whether the pick's dev lies inside the interval.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from svdadapt.data.glue import glue_metrics
+from svdadapt.report import BOOTSTRAP, _scores, load_run, paired_difference, primary_metric
+from svdadapt.tune import select
+
+ARMS = ("dude", "dora", "lora")
+
+
+def searches(folder: Path, arms: tuple[str, ...]) -> dict[tuple[str, str], list[dict]]:
+    """`{(task, arm): seed-0 runs}` for `arms` searched at 2 or more rates."""
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for d in sorted(p.parent for p in folder.glob("*/metrics.json")):
+        run = load_run(d)
+        arm = run.get("label") or run["method"]
+        if arm in arms and run.get("seed", 0) == 0:
+            groups[(run["task"], arm)].append(run)
+    return {k: rs for k, rs in groups.items() if len({r["learning_rate"] for r in rs}) >= 2}
+
+
+def interval(task: str, run: dict, metric: str, n_boot: int = BOOTSTRAP, seed: int = 0) -> tuple[float, float]:
+    """95% percentile bootstrap interval of `run`'s dev `metric`, resampling dev examples."""
+    pred, gold = _scores(run)
+    rng, n = np.random.default_rng(seed), len(gold)
+    boots = [glue_metrics(task, pred[i], gold[i])[metric] for i in (rng.integers(0, n, n) for _ in range(n_boot))]
+    lo, hi = np.percentile(boots, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", type=Path, help="a folder of run directories, e.g. docs/results/glue_minilm_tuned/runs")
+    p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated arms (default {','.join(ARMS)})")
+    args = p.parse_args(argv)
+    groups = searches(args.runs, tuple(a.strip() for a in args.arms.split(",")))
+    if not groups:
+        print(f"{args.runs}: no seed-0 searches of {args.arms} at 2 or more rates", file=sys.stderr)
+        return 2
+    print(
+        "| task | arm | rates searched | tune's pick (validation) | dev at the pick | best rate on dev | dev there "
+        "[95% interval] | best − pick [paired 95% interval] | pick inside |"
+    )
+    print("|---|---|---|---:|---:|---:|---:|---:|---|")
+    inside = 0
+    for (task, arm), rs in sorted(groups.items()):
+        metric = primary_metric(task)
+        by_rate = {r["learning_rate"]: r for r in rs}
+        pick = select(rs)
+        best = max(by_rate, key=lambda lr: by_rate[lr]["test"][metric])
+        dev_pick, dev_best = by_rate[pick]["test"][metric], by_rate[best]["test"][metric]
+        lo, hi = interval(task, by_rate[best], metric)
+        diff = paired_difference(task, {0: by_rate[best]}, {0: by_rate[pick]}, metric)
+        ok = lo <= dev_pick
+        inside += ok
+        grid = ", ".join(f"{lr:g}" for lr in sorted(by_rate))
+        print(
+            f"| {task} | {arm} | {grid} | {pick:g} | {dev_pick:.4f} | {best:g} | {dev_best:.4f} [{lo:.4f}, {hi:.4f}] | "
+            f"{diff[0]:+.4f} [{diff[1]:+.4f}, {diff[2]:+.4f}] | {'yes' if ok else 'no'} |"
+        )
+    print(f"\n{inside} of {len(groups)} picks score on dev within the best rate's interval")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
