@@ -2,8 +2,8 @@
 
     python scripts/tune_agreement.py docs/results/glue_minilm_tuned/runs
 
-Reads the committed round-two searches (seed 0, every rate of each arm's grid) and, per task and arm,
-applies tune's own selection (`svdadapt.tune.select`: best validation metric on the split held out of
+Reads seed-0 searches (round two's committed runs, or the candidates of a `tune` output folder) and,
+per task and arm, applies tune's own selection (`svdadapt.tune.select`: best validation metric on the split held out of
 training, ties to the lower validation loss). Round two's runs are those tune would run for that recipe
 at that grid (`--rates`), so its pick is the search's. Prints the rate picked on validation, the rate
 with the best dev score, the best rate's 95% percentile bootstrap interval over dev examples, the dev
