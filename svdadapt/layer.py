@@ -251,7 +251,8 @@ class AdapterLayer(nn.Module):
             y = self.kind.forward(base, x, bias=g is None)  # autocast's dtype, as the base runs alone
             with torch.autocast(dev, enabled=False):
                 return _combine_folded(y, h, b_t, g, bias_f)
-        # what follows the base GEMM is kept to few Python steps: on a small model that GEMM evicts the caches
+        # `_combine_folded` inlined: on a small model the base GEMM evicts the caches and each Python call after it
+        # shows (calling it measured about 1% of a SmolLM2-shaped decoding step)
         x2 = x.reshape(-1, x.shape[-1])
         same = x.dtype == a_t.dtype
         y = self.kind.forward(base, x, bias=g is None)
