@@ -8,6 +8,11 @@ training, ties to the lower validation loss). Round two's runs are those tune wo
 at that grid (`--rates`), so its pick is the search's. Prints the rate picked on validation, the rate
 with the best dev score, the best rate's 95% percentile bootstrap interval over dev examples, the dev
 difference best − pick with its paired interval, and whether the pick's dev lies inside the interval.
+
+    python scripts/tune_agreement.py docs/results/glue_minilm_tuned/runs --across
+
+instead asks whether one rate serves every task: per arm and rate searched on every task, the dev score
+on each, marked where it falls below the lower end of that task's best rate's interval.
 """
 
 from __future__ import annotations
@@ -50,11 +55,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", type=Path, help="a folder of run directories, e.g. docs/results/glue_minilm_tuned/runs")
     p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated arms (default {','.join(ARMS)})")
+    p.add_argument("--across", action="store_true", help="one rate for every task: dev per task at each rate")
     args = p.parse_args(argv)
     groups = searches(args.runs, tuple(a.strip() for a in args.arms.split(",")))
     if not groups:
         print(f"{args.runs}: no seed-0 searches of {args.arms} at 2 or more rates", file=sys.stderr)
         return 2
+    if args.across:
+        return across(groups)
     print(
         "| task | arm | rates searched | tune's pick (validation) | dev at the pick | best rate on dev | dev there "
         "[95% interval] | best − pick [paired 95% interval] | pick inside |"
@@ -77,6 +85,32 @@ def main(argv: list[str] | None = None) -> int:
             f"{diff[0]:+.4f} [{diff[1]:+.4f}, {diff[2]:+.4f}] | {'yes' if ok else 'no'} |"
         )
     print(f"\n{inside} of {len(groups)} picks score on dev within the best rate's interval")
+    return 0
+
+
+def across(groups: dict[tuple[str, str], list[dict]]) -> int:
+    """Per arm, the rates searched on every task: dev on each, * where below the task's best rate's interval."""
+    tasks = sorted({t for t, _ in groups})
+    print(f"| arm | rate | {' | '.join(tasks)} | tasks inside |")
+    print(f"|---|---:|{'---:|' * len(tasks)}---:|")
+    floor = {}
+    for (task, arm), rs in groups.items():
+        metric = primary_metric(task)
+        best = max(rs, key=lambda r: r["test"][metric])
+        floor[task, arm] = interval(task, best, metric)[0]
+    for arm in sorted({a for _, a in groups}):
+        by_task = {t: {r["learning_rate"]: r for r in groups[t, arm]} for t in tasks if (t, arm) in groups}
+        if len(by_task) < len(tasks):
+            continue
+        shared = sorted(set.intersection(*(set(rates) for rates in by_task.values())))
+        for lr in shared:
+            cells, n = [], 0
+            for t in tasks:
+                dev = by_task[t][lr]["test"][primary_metric(t)]
+                n += dev >= floor[t, arm]
+                cells.append(f"{dev:.4f}" + ("" if dev >= floor[t, arm] else " *"))
+            print(f"| {arm} | {lr:g} | {' | '.join(cells)} | {n} of {len(tasks)} |")
+    print("\n* below the lower end of the 95% bootstrap interval of that task's best rate on dev")
     return 0
 
 
