@@ -569,23 +569,33 @@ def search_table(task: str, runs: list[dict]) -> str:
 
 def plot_validation_vs_rate(task: str, runs: list[dict], path: Path) -> Path:
     """Validation metric against learning rate (log x), one line per arm, at the search seed."""
-    plt, metric = _plt(), primary_metric(task)
+    metric = primary_metric(task)
     arms: dict[str, list[dict]] = defaultdict(list)
     for run in runs:
         arms[_arm(run)].append(run)
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    fig, ax = rate_figure()
     for name, rs in sorted(arms.items()):
         _, search = select_rate(rs, metric)
         ax.plot(list(search), [v.get(metric, math.nan) for v in search.values()], marker="o", label=name)
+    return save_rate_plot(fig, ax, f"validation {metric}", f"{task}: learning-rate search (held-out validation split)", path)
+
+
+def rate_figure():
+    """A figure and axes for a metric against the learning rate; finish it with `save_rate_plot`."""
+    return _plt().subplots(figsize=(6.4, 4.4))
+
+
+def save_rate_plot(fig, ax, ylabel: str, title: str, path: Path) -> Path:
+    """Finish a plot of a metric against the learning rate (log x) and write it to `path` (png)."""
     ax.set_xscale("log")
     ax.set_xlabel("learning rate (log scale)")
-    ax.set_ylabel(f"validation {metric}")
-    ax.set_title(f"{task}: learning-rate search (held-out validation split)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _plt().close(fig)
     return path
 
 

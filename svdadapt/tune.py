@@ -159,25 +159,15 @@ def write_outputs(recipe, runs: list[dict], chosen: float, out: Path, command: s
         cells = [f"{r['learning_rate']:g}", f"{f.get(shown, math.nan):.4f}", f"{f.get('loss', math.nan):.4f}", clipped]
         lines.append("| " + " | ".join([*cells, str(r.get("train_steps", "–")), mark]) + " |")
     (out / "tune.md").write_text("\n".join(lines) + "\n")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from svdadapt.report import rate_figure, save_rate_plot
 
     xs = sorted(r["learning_rate"] for r in runs)
     ys = [next(r["final"].get(shown, math.nan) for r in runs if r["learning_rate"] == x) for x in xs]
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    fig, ax = rate_figure()
     ax.plot(xs, ys, marker="o")
     ax.axvline(chosen, color="grey", linestyle="--", label=f"selected {chosen:g}")
-    ax.set_xscale("log")
-    ax.set_xlabel("learning rate (log scale)")
-    ax.set_ylabel(f"validation {shown}")
-    ax.set_title(f"{runs[0].get('task')}, {recipe.adapter.method}: validation {shown} against learning rate")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "tune.png", dpi=120)
-    plt.close(fig)
+    title = f"{runs[0].get('task')}, {recipe.adapter.method}: validation {shown} against learning rate"
+    save_rate_plot(fig, ax, f"validation {shown}", title, out / "tune.png")
     return [out / "tuned.yaml", out / "tune.md", out / "tune.png"]
 
 
