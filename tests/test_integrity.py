@@ -47,6 +47,15 @@ def _as_old_file(d):
     _write_meta(d, meta)
 
 
+def _refused_by_checksum_then_by_tensors(base, d, by_checksum: str, by_tensors: str):
+    """The edited file is refused by its field checksums; as an old file without them, by what its tensors say."""
+    with pytest.raises(ValueError, match=by_checksum):
+        _load(base, d)
+    _as_old_file(d)  # without checksums the tensors themselves contradict the edit
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match=by_tensors):
+        _load(base, d)
+
+
 def _load(base, d):
     return svdadapt.load_adapter(copy.deepcopy(base), d)
 
@@ -164,17 +173,12 @@ def test_emptied_modules_to_save_would_drop_the_head_and_is_refused(saved):
     meta = _meta(d)
     meta["config"]["modules_to_save"] = []
     _write_meta(d, meta)
-    with pytest.raises(ValueError, match=r"config.modules_to_save = \[\]: changed after"):
-        _load(base, d)
-    _as_old_file(d)  # without checksums the tensors themselves contradict it
-    with (
-        pytest.warns(UserWarning),
-        pytest.raises(
-            ValueError,
-            match=r"holds tensors \['head.bias', 'head.weight'\].*modules_to_save = \[\]\), so a trained head would be dropped",
-        ),
-    ):
-        _load(base, d)
+    _refused_by_checksum_then_by_tensors(
+        base,
+        d,
+        r"config.modules_to_save = \[\]: changed after",
+        r"holds tensors \['head.bias', 'head.weight'\].*modules_to_save = \[\]\), so a trained head would be dropped",
+    )
 
 
 def test_deleted_fingerprints_are_refused_unless_the_file_never_had_them(saved):
@@ -202,17 +206,12 @@ def test_a_full_adapter_marked_compact_is_refused(saved):
     meta = _meta(d)
     meta["compact"] = True
     _write_meta(d, meta)
-    with pytest.raises(ValueError, match=r"compact = true: changed after"):
-        _load(base, d)
-    _as_old_file(d)
-    with (
-        pytest.warns(UserWarning),
-        pytest.raises(
-            ValueError,
-            match=r"holds \['down.A', 'down.B', 'gate.A'\] \(6 in all\), the frozen factors a full save stores.*compact: true",
-        ),
-    ):
-        _load(base, d)
+    _refused_by_checksum_then_by_tensors(
+        base,
+        d,
+        r"compact = true: changed after",
+        r"holds \['down.A', 'down.B', 'gate.A'\] \(6 in all\), the frozen factors a full save stores.*compact: true",
+    )
 
 
 def test_the_serving_bank_checks_the_same(saved):
