@@ -39,7 +39,10 @@ from svdadapt.model import (
     apply,
     find_modules_to_save,
     find_targets,
+    full_tensor,
     gathered,
+    refuse_sharded,
+    sharded,
     start_factors,
 )
 from svdadapt.svd import fingerprint, fingerprint_matches, solver_for
@@ -157,13 +160,14 @@ def adapter_state(model: nn.Module, compact: bool) -> tuple[dict[str, torch.Tens
     tensors, layers = {}, {}
     for name, layer in adapter_layers(model):
         with gathered(layer, modify=False):
+            factors = {k: full_tensor(p) for k, p in layer.factors().items()}  # under FSDP2: gathered
             for factor, p in layer.factors().items():
                 if p.requires_grad or not compact:
-                    tensors[f"{name}.{factor}"] = p.detach()
+                    tensors[f"{name}.{factor}"] = factors[factor]
             if layer.init_A is not None and not compact:
                 tensors[f"{name}.init_A"], tensors[f"{name}.init_B"] = layer.init_A, layer.init_B
             if compact and (which := basis.rebuilt(layer.method)):
-                start = {"A": layer.init_A, "B": layer.init_B} if layer.method.residual else layer.factors()
+                start = {"A": layer.init_A, "B": layer.init_B} if layer.method.residual else factors
                 tensors[f"{name}.{CHECK}"] = basis.sketch(start, which)
         layers[name] = {"shape": [layer.out_features, layer.in_features], "fingerprint": layer.base_fingerprint}
         if cfg.svd_solver == "auto":  # the solver "auto" chose: a reload rebuilds with it whatever "auto" means then
@@ -171,7 +175,7 @@ def adapter_state(model: nn.Module, compact: bool) -> tuple[dict[str, torch.Tens
     for name, module in find_modules_to_save(model, cfg.modules_to_save):
         with gathered(module, modify=False):
             for pname, p in module.named_parameters():
-                tensors[f"{name}.{pname}"] = p.detach()
+                tensors[f"{name}.{pname}"] = full_tensor(p)
     tensors = {k: v.to("cpu", copy=True).contiguous() for k, v in tensors.items()}
     if bad := [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]:
         raise ValueError(
@@ -189,9 +193,16 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *, compact: boo
         directory: created or replaced.
         compact: store only trained tensors; frozen factors are rebuilt from the base weights on load.
         base_model: the base model's id or path, recorded for the reader.
+
+    Under FSDP2 (`fully_shard`) every rank calls it: the tensors are gathered, rank 0 writes, and all
+    return once the directory is complete.
     """
     cfg = adapter_config(model)
     tensors, layers = adapter_state(model, compact)
+    fsdp = sharded(model)
+    if fsdp and torch.distributed.get_rank() != 0:
+        torch.distributed.barrier()  # rank 0 writes
+        return Path(directory)
     meta = {
         "svdadapt_version": _version(),
         "format": FORMAT,
@@ -207,6 +218,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *, compact: boo
     with reporting_disk_full(directory), atomic_directory(directory) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "svdadapt_version": _version()})
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    if fsdp:
+        torch.distributed.barrier()
     return Path(directory)
 
 
@@ -477,6 +490,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, *, check_finger
     Everything is checked before the model changes: the files, the layer names and shapes, the
     base weights' fingerprints, and every tensor's shape. Returns `model`.
     """
+    refuse_sharded(model, "load_adapter")
     meta, cfg, tensors = read_adapter(directory)
     d = Path(directory)
     targets = check_layers(model, meta, cfg, d)

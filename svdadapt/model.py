@@ -136,6 +136,32 @@ def gathered(module: nn.Module, modify: bool):
         yield
 
 
+def sharded(model: nn.Module) -> bool:
+    """Whether FSDP2 (`fully_shard`) has sharded any of `model`'s parameters (DTensors)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):  # FSDP2 needs a process group
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def refuse_sharded(model: nn.Module, what: str) -> None:
+    """`what` needs whole parameters: refuse a model FSDP2 has already sharded, saying the order to use."""
+    if sharded(model):
+        raise ValueError(
+            f"{what}: the model's parameters are already sharded by FSDP (fully_shard). Call apply, load_adapter "
+            "and merge on the whole model: apply (or load_adapter) first, then fully_shard; merge after gathering "
+            "(or on a model loaded from the saved adapter)"
+        )
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """`t` detached and whole: an FSDP2-sharded tensor (a DTensor) is gathered from every rank (collective)."""
+    t = t.detach()
+    gather = getattr(t, "full_tensor", None)
+    return t if gather is None else gather()
+
+
 def _partitioned(module: nn.Module) -> list[nn.Parameter]:
     """The ZeRO-3 partitioned parameters of `module` (empty without DeepSpeed)."""
     return [p for p in module.parameters() if hasattr(p, "ds_id")]
@@ -202,6 +228,7 @@ def apply(model: nn.Module, config: AdapterConfig, *, progress: bool | None = No
         progress: show a progress bar over layers; None shows one for more than 8 layers.
         initialize: compute start values (SVD etc.); False leaves them to a later load.
     """
+    refuse_sharded(model, "apply")
     if getattr(model, CONFIG_ATTR, None) is not None or adapter_layers(model):
         raise ValueError(
             f"{type(model).__name__} already has svdadapt adapters; apply once per model "
@@ -352,6 +379,7 @@ def merge(model: nn.Module) -> nn.Module:
     base class round-trip it (a GGUF-loaded base included: `apply` cleared its mark, see `clear_gguf_quantizer`).
     """
     adapter_config(model)
+    refuse_sharded(model, "merge")
     for name, layer in adapter_layers(model):
         with gathered(layer, modify=False):
             replace_module(model, name, layer.merged_module())

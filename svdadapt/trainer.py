@@ -169,10 +169,11 @@ def load_trained(src: dict, dst: torch.nn.Module) -> None:
 
 
 FSDP_REFUSAL = (
-    "svdadapt does not train under FSDP: an adapter layer reads its base weight outside the base layer's own "
-    "forward (the row norm, the closed-form step), which FSDP does not gather, and its caches are keyed on "
-    "parameter versions that FSDP's flat parameters do not keep. Use DeepSpeed ZeRO-3 (training.deepspeed: "
-    "recipes/ds_zero3.json), which shards the base model the same way and is tested, or train on one process"
+    "svdadapt train does not run under FSDP: the Trainer's FSDP path (its wrapping, sharded checkpoints and their "
+    "resume) does not run on a CPU (transformers refuses it there, or with use_cpu runs DDP instead), so it has no "
+    "test in this project. The library itself works "
+    "under FSDP2 (apply, then fully_shard each block; save_adapter on every rank), tested on 2 CPU ranks: see "
+    "docs/training.md. Or use DeepSpeed ZeRO-3 (training.deepspeed: recipes/ds_zero3.json), tested, or one process"
 )
 
 

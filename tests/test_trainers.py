@@ -142,7 +142,7 @@ def test_fsdp_is_refused_before_training(tmp_path, monkeypatch):
     trainer = transformers.Trainer(model=model, args=transformers.TrainingArguments(**_args(tmp_path)))
     refuse_fsdp(trainer)  # no FSDP: nothing happens
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` with an FSDP config sets
-    with pytest.raises(ValueError, match="does not train under FSDP") as err:
+    with pytest.raises(ValueError, match="does not run under FSDP") as err:
         refuse_fsdp(trainer)
     assert str(err.value) == FSDP_REFUSAL and "ZeRO-3" in FSDP_REFUSAL
 
