@@ -7,7 +7,7 @@ whole batch (every rank runs it, so each has the reference), and sharded by `ful
 layer, then the root), each rank on its half of the batch. Both save full and compact adapters; rank 0
 writes OUT.json with, per method, the largest difference of the saved tensors relative to the largest
 reference value, how far training moved the tensors, the same for the logits of the FSDP adapter reloaded onto a fresh base, the parameter
-types seen under FSDP, and the errors `load_adapter` and `merge` raise on the sharded model.
+types seen under FSDP, the sharded model's eval-mode logits, and the errors `load_adapter` and `merge` raise on the sharded model.
 """
 
 import json
@@ -74,6 +74,12 @@ def one(method: str, root: Path, rank: int, ids: torch.Tensor) -> dict:
     fully_shard(model)
     train(model, ids.chunk(2)[rank])
     out = {"types": sorted({type(p).__name__ for p in model.parameters()}), "moved": moved}
+    for m in (model, ref):
+        m.eval()  # the inference path (folded factors), the shards gathered per block
+    with torch.no_grad():
+        out["sharded eval logits"] = rel({"y": model(input_ids=ids).logits}, {"y": ref(input_ids=ids).logits})
+    for m in (model, ref):
+        m.train()
     for compact in (False, True):
         kind = "compact" if compact else "full"
         svdadapt.save_adapter(model, root / f"{method}-fsdp-{kind}", compact=compact)
