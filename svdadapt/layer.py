@@ -228,7 +228,7 @@ class AdapterLayer(nn.Module):
         token is two plain GEMMs), g = m / n and the bias are kept between calls: generation pays for the
         norm once, not per token. They are folded again when a factor, the base weight or the bias is
         changed in place (version counters: each only grows, so their sum moves with any of them) or
-        replaced by another tensor, on `refresh()`, and on every return to train mode. Assigning `.data`
+        replaced by another tensor, on `refresh()`, on every return to train mode, and after `.to()`. Assigning `.data`
         bypasses the counters: call `refresh()` after it. The check reads counters, not storage
         pointers, and allocates little: on a small model it is a measurable part of a decoding step."""
         base = self.base_layer
@@ -277,6 +277,13 @@ class AdapterLayer(nn.Module):
     def train(self, mode: bool = True):
         self._g = self._stamp = None  # training may change factors behind the version counters (e.g. through .data)
         return super().train(mode)
+
+    def _apply(self, fn, recurse: bool = True):
+        # .to(), .double(), .cuda() convert through `.data`, which moves no version counter: without this, the
+        # next eval-mode call would reuse factors folded in the old dtype or on the old device, and C its old A
+        self._g = self._stamp = None
+        self._a_version = -1
+        return super()._apply(fn, recurse)
 
     # --- merge ---
 

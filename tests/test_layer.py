@@ -194,6 +194,23 @@ def test_inference_path_sees_the_base_bias_and_refresh(method):
     torch.testing.assert_close(folded, layer(x).detach(), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_a_dtype_move_after_an_eval_call_folds_again(method):
+    """`.double()` / `.float()` convert through `.data` (no version counter moves): the next eval-mode
+    call must fold from the converted tensors, not reuse the old dtype's factors, or C from the old A."""
+    layer, _ = wrap(method, bias=True)
+    randomize(layer)
+    layer.float().eval()
+    x = torch.randn(3, 40, dtype=torch.float64)
+    with torch.no_grad():
+        layer(x.float())  # folds in float32
+        layer.double()
+        folded = layer(x)
+    assert folded.dtype == torch.float64
+    layer.train()
+    torch.testing.assert_close(folded, layer(x).detach(), rtol=1e-12, atol=1e-12)
+
+
 def test_exact_norm_switch_changes_only_the_gradient():
     det, _ = wrap("edora", norm="detached")
     ex, _ = wrap("edora", norm="exact")
