@@ -2,6 +2,7 @@
 checkpointing) and TRL's SFTTrainer, then the adapter saved, reloaded and exported to peft; a GGUF-loaded
 base trains and its merged model round-trips through save_pretrained; FSDP is refused by name."""
 
+import copy
 import os
 
 import pytest
@@ -189,13 +190,20 @@ def test_gguf_base_is_trainable_and_its_merge_saves(smollm2, tmp_path, caplog):
     _assert_trained(model, before, log.losses)
     ids = torch.tensor(rows[:2])
     model.eval()
+    exact = copy.deepcopy(model).double()  # the same adapted model in float64: what both float32 paths approximate
     with torch.no_grad():
-        want = model(input_ids=ids).logits
+        want, truth = model(input_ids=ids).logits, exact(input_ids=ids).logits
+    del exact
     merged = svdadapt.merge(model)
     with torch.no_grad():
         folded = merged(input_ids=ids).logits
-    # the merged weight is g ⊙ (W + s·BA) rounded to float32 once per element: 30 layers of such roundings
-    assert ((folded - want).norm() / want.norm()).item() < 1e-5
+
+    def err(y):
+        return ((y.double() - truth).norm() / truth.norm()).item()
+
+    # the merged weight g ⊙ (W + s·BA) is rounded to float32 once per element, 30 layers deep: its error is
+    # of the unmerged float32 model's own order (measured: 2.2e-6 and 5.7e-6 against 2.3e-6 and 1.9e-5)
+    assert err(folded) <= 3 * err(want), f"merged {err(folded):.2e} against unmerged {err(want):.2e}, both vs float64"
     merged.save_pretrained(tmp_path / "merged")
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
     with torch.no_grad():
