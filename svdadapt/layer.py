@@ -228,9 +228,9 @@ class AdapterLayer(nn.Module):
         token is two plain GEMMs), g = m / n and the bias are kept between calls: generation pays for the
         norm once, not per token. They are folded again when a factor, the base weight or the bias is
         changed in place (version counters: each only grows, so their sum moves with any of them) or
-        replaced by another tensor, on `refresh()`, on every return to train mode, and after `.to()`. Assigning `.data`
-        bypasses the counters: call `refresh()` after it. The check reads counters, not storage
-        pointers, and allocates little: on a small model it is a measurable part of a decoding step."""
+        replaced by another tensor, on `refresh()`, on every return to train mode, and after `.to()`.
+        Assigning `.data` bypasses the counters: call `refresh()` after it. The check reads counters, not
+        storage pointers, and allocates little: on a small model it is a measurable part of a decoding step."""
         base = self.base_layer
         watched = (*self._parameters.values(), *base._parameters.values())  # the factors, W and the bias
         stamp = self._stamp

@@ -150,8 +150,8 @@ def refuse_sharded(model: nn.Module, what: str) -> None:
     if sharded(model):
         raise ValueError(
             f"{what}: the model's parameters are already sharded by FSDP (fully_shard). Call apply, load_adapter "
-            "and merge on the whole model: apply (or load_adapter) first, then fully_shard; merge after gathering "
-            "(or on a model loaded from the saved adapter)"
+            "and merge on the whole model: apply (or load_adapter) first, then fully_shard; to merge, save_adapter "
+            "on every rank, load it onto a whole base model and merge that"
         )
 
 
