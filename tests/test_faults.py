@@ -35,6 +35,18 @@ def test_a_diverging_run_stops_by_name_exits_2_and_saves_no_adapter(llama_dir, t
     assert all(torch.isfinite(v).all() for v in _every_saved_tensor(out).values())
 
 
+def test_the_quickstart_at_a_huge_rate_stops_although_its_loss_stays_finite(tmp_path, capsys):
+    """The magnitude/direction split saturates instead of overflowing: the trained tensors reach ~1e9 while
+    the loss stays near 0.69, so the run is stopped by the size of its trained tensors."""
+    out = tmp_path / "run"
+    sets = ["training.learning_rate=1e9", "training.max_steps=8", "training.eval_before=false", f"output_dir={out}"]
+    recipe = Path(__file__).parent.parent / "recipes" / "quickstart.yaml"
+    assert cli([str(recipe), *(a for kv in sets for a in ("--set", kv))]) == 2
+    err = capsys.readouterr().err
+    assert "training diverged at step" in err and "beyond 1e+06" in err and "No adapter was saved" in err, err[-2000:]
+    assert not (out / "adapter").exists() and not (out / "adapter_full").exists()
+
+
 def test_the_message_names_the_last_good_checkpoint(llama_dir, tmp_path):  # noqa: F811
     from transformers import TrainerCallback
 
