@@ -22,22 +22,13 @@ class TrainingDiverged(ValueError):
     """Raised when training produced a non-finite loss or gradient, or a non-finite or blown-up trained tensor."""
 
 
-def _first_non_finite(named: list[tuple[str, torch.Tensor]]) -> str | None:
-    """The name of the first tensor with a NaN or inf, with one device sync for all of them."""
-    if not named:
-        return None
-    sums = torch.stack([t.detach().float().sum() for _, t in named])  # NaN and inf survive a sum
-    bad = (~torch.isfinite(sums)).nonzero()
-    return named[int(bad[0])][0] if len(bad) else None
-
-
-def _first_beyond(named: list[tuple[str, torch.Tensor]], limit: float) -> tuple[str, float] | None:
-    """The first tensor with a NaN, an inf or a value beyond ±limit, and its largest |value| (one sync)."""
+def _first_beyond(named: list[tuple[str, torch.Tensor]], limit: float = math.inf) -> tuple[str, float] | None:
+    """The first tensor with a NaN, an inf or a value beyond ±limit, and its largest |value| (one sync for all)."""
     named = [(n, t) for n, t in named if t.numel()]
     if not named:
         return None
     peaks = torch.stack([t.detach().abs().amax().float() for _, t in named])  # amax keeps NaN
-    bad = (~(peaks <= limit)).nonzero()
+    bad = (~(torch.isfinite(peaks) & (peaks <= limit))).nonzero()
     return (named[int(bad[0])][0], float(peaks[int(bad[0])])) if len(bad) else None
 
 
@@ -68,8 +59,8 @@ class StopOnNonFinite(TrainerCallback):
         if model is None or args.fp16 or args.deepspeed:
             return
         grads = [(n, p.grad) for n, p in model.named_parameters() if p.requires_grad and p.grad is not None]
-        if name := _first_non_finite(grads):
-            self._stop(state.global_step + 1, f"the gradient of {name!r}")
+        if found := _first_beyond(grads):
+            self._stop(state.global_step + 1, f"the gradient of {found[0]!r}")
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if model is None:
