@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import operator
+from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from svdadapt import norm
@@ -26,6 +28,24 @@ from svdadapt.kinds import Conv1DKind, LinearKind, base_kind
 from svdadapt.methods import Factors, Method
 
 _VERSION = operator.attrgetter("_version")  # a tensor's in-place change counter
+
+
+class _Kept(NamedTuple):
+    """An `AdapterLayer`'s eval-mode fold, and what it was folded from (`AdapterLayer.forward`)."""
+
+    own: tuple  # the layer's parameters, checked by identity
+    base_params: dict  # the base layer's parameter dict, and its values then, checked by identity
+    base_own: tuple
+    live: tuple  # the tensors among them, and the sum of their version counters then
+    version: int
+    weight: torch.Tensor | None  # W of a plain nn.Linear base, for F.linear on it (else the kind's forward)
+    base_bias: torch.Tensor | None  # its bias, added in the base GEMM when there is no magnitude
+    a: torch.Tensor  # A' = R A (r, in), contiguous
+    b: torch.Tensor  # B' = s·g ⊙ B (out, r), contiguous
+    g: torch.Tensor | None  # m / n (out,)
+    bias: torch.Tensor | None  # the base bias in the adapter's dtype, added after g ⊙ y (with a magnitude)
+    device: str  # the factors' device type, for the autocast check
+
 
 # --- the layer -----------------------------------------------------------------------------
 
@@ -77,11 +97,7 @@ class AdapterLayer(nn.Module):
         self.init_A: torch.Tensor | None = None
         self.init_B: torch.Tensor | None = None
         self._a_version = -1  # lora_A._version when _C and _G were computed
-        # kept by `_inference_forward`: g = m / n and ((R A)ᵀ, (s·g ⊙ B)ᵀ, bias), valid for _stamp:
-        # (the tensors they were folded from, those not None, the sum of their version counters)
-        self._g: torch.Tensor | None = None
-        self._folded: tuple | None = None
-        self._stamp: tuple | None = None
+        self._kept: _Kept | None = None  # the eval-mode fold, see `forward`
         self.base_fingerprint: str | None = None  # of W0, set by whoever initialises the layer
 
     # --- what the adapter owns (structural: model.py and io.py ask the layer) ---
@@ -129,7 +145,7 @@ class AdapterLayer(nn.Module):
     def refresh(self) -> None:
         """Recompute the cached frozen quantities (after initialising or loading factors)."""
         self._w_sq = norm.row_sq(self.kind.row_blocks(self.base_layer, self.lora_A.dtype))
-        self._C = self._G = self._g = self._stamp = None
+        self._C = self._G = self._kept = None
         self._c_and_g()  # caches C and G when A is frozen
 
     @torch.no_grad()
@@ -202,9 +218,40 @@ class AdapterLayer(nn.Module):
     # --- forward ---
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(..., in) -> (..., out), in the base layer's output dtype (autocast's under autocast)."""
-        if not self.training and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            return self._inference_forward(x)  # eval mode: dropout is the identity
+        """(..., in) -> (..., out), in the base layer's output dtype (autocast's under autocast).
+
+        In eval mode with gradients off the step's forward runs without autograd, from factors folded
+        once (`_Kept`): out = (g ⊙ y + bias) + (x A'ᵀ) B'ᵀ, y = x Wᵀ, A' = R A, B' = s·g ⊙ B, computed
+        in the adapter's dtype and rounded once to y's, as in training; generation pays for the norm
+        once, not per token. The fold is made again when a factor, the base weight or the bias is changed
+        in place (version counters: each only grows, so their sum moves with any of them) or replaced
+        by another tensor, on `refresh()`, on every return to train mode, and after `.to()`. Assigning
+        `.data` moves no counter: call `refresh()` after it.
+
+        That path is written for a decoding step, where each layer sees one token after its base GEMM
+        has streamed the weights through the caches: every Python line and tensor op then runs cold
+        (about 10 µs an op on a SmolLM2-shaped model), so it is three ops beyond the base GEMM, on 3-D
+        input as given, and a validity check that allocates nothing.
+        """
+        if self.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return self._step_forward(x)
+        k = self._kept
+        if (
+            k is None
+            or len(self._parameters) != len(k.own)
+            or not all(map(operator.is_, self._parameters.values(), k.own))
+            or not all(map(operator.is_, k.base_params.values(), k.base_own))
+            or sum(map(_VERSION, k.live)) != k.version
+        ):
+            k = self._keep()
+        *_, w, base_bias, a, b, g, bias, dev = k  # one unpacking: cheaper cold than an attribute read each
+        if x.dtype is not a.dtype or torch.is_autocast_enabled(dev):
+            return self._mixed_inference_forward(x, k)
+        y = F.linear(x, w, base_bias) if w is not None else self.kind.forward(self.base_layer, x, g is None)
+        z = F.linear(F.linear(x, a), b, bias)  # (..., out): (x A'ᵀ) B'ᵀ + bias
+        return z.add_(y) if g is None else z.addcmul_(y, g)
+
+    def _step_forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
         if base.weight.requires_grad:
             raise RuntimeError(
@@ -219,69 +266,49 @@ class AdapterLayer(nn.Module):
         with torch.autocast(dev, enabled=False):  # the step casts explicitly: autocast must not recast its parts
             return _AdapterStep.apply(*args)
 
-    def _inference_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The step's forward without autograd (eval mode, gradients off), from factors folded once:
-
-            out = (g ⊙ y + bias) + (x A'ᵀ) B'ᵀ,   y = x Wᵀ,   A' = R A (r, in),  B' = s·g ⊙ B (out, r)
-
-        in the adapter's dtype, rounded once to y's dtype, as in training. A'ᵀ and B'ᵀ (transposed, so a
-        token is two plain GEMMs), g = m / n and the bias are kept between calls: generation pays for the
-        norm once, not per token. They are folded again when a factor, the base weight or the bias is
-        changed in place (version counters: each only grows, so their sum moves with any of them) or
-        replaced by another tensor, on `refresh()`, on every return to train mode, and after `.to()`.
-        Assigning `.data` bypasses the counters: call `refresh()` after it. The check reads counters, not
-        storage pointers, and allocates little: on a small model it is a measurable part of a decoding step."""
-        base = self.base_layer
-        watched = (*self._parameters.values(), *base._parameters.values())  # the factors, W and the bias
-        stamp = self._stamp
-        if (
-            stamp is None
-            or len(watched) != len(stamp[0])
-            or not all(map(operator.is_, watched, stamp[0]))
-            or sum(map(_VERSION, stamp[1])) != stamp[2]
-        ):
-            self._fold()
-            live = tuple(t for t in watched if t is not None)
-            self._stamp = (watched, live, sum(map(_VERSION, live)))
-        g, (a_t, b_t, bias_f) = self._g, self._folded
-        dev = "cpu" if x.is_cpu else "cuda" if x.is_cuda else x.device.type
-        if dev != "meta" and torch.is_autocast_enabled(dev):
-            with torch.autocast(dev, enabled=False):  # the factors are cast explicitly, as in training
-                h = norm.times_at(x.reshape(-1, x.shape[-1]), a_t.T)
-            y = self.kind.forward(base, x, bias=g is None)  # autocast's dtype, as the base runs alone
-            with torch.autocast(dev, enabled=False):
-                return _combine_folded(y, h, b_t, g, bias_f)
-        # `_combine_folded` inlined: on a small model the base GEMM evicts the caches and each Python call after it
-        # shows (calling it measured about 1% of a SmolLM2-shaped decoding step)
-        x2 = x.reshape(-1, x.shape[-1])
-        same = x.dtype == a_t.dtype
-        y = self.kind.forward(base, x, bias=g is None)
-        h = torch.mm(x2, a_t) if same else norm.times_at(x2, a_t.T)  # (tokens, r), A at its own precision
-        z = torch.mm(h, b_t) if bias_f is None else torch.addmm(bias_f, h, b_t)  # (tokens, out), adapter's dtype
-        z = (z.add_(y.reshape(z.shape)) if g is None else z.addcmul_(y.reshape(z.shape), g)).view(y.shape)
-        return z if z.dtype == y.dtype else z.to(y.dtype)
+    def _mixed_inference_forward(self, x: torch.Tensor, k: _Kept) -> torch.Tensor:
+        """The eval-mode path for x in another dtype than the adapter's, or under autocast: the base runs
+        as it does alone (autocast's dtype under autocast), the factors at their own precision."""
+        base, dev = self.base_layer, k.device
+        amp = dev != "meta" and torch.is_autocast_enabled(dev)
+        with torch.autocast(dev, enabled=False) if amp else contextlib.nullcontext():
+            h = norm.times_at(x.reshape(-1, x.shape[-1]), k.a)  # (tokens, r), A at its own precision
+        y = self.kind.forward(base, x, bias=k.g is None)
+        with torch.autocast(dev, enabled=False) if amp else contextlib.nullcontext():
+            z = torch.mm(h, k.b.T) if k.bias is None else torch.addmm(k.bias, h, k.b.T)  # (tokens, out)
+            z = z.add_(y.reshape(z.shape)) if k.g is None else z.addcmul_(y.reshape(z.shape), k.g)
+            z = z.view(y.shape)
+            return z if z.dtype == y.dtype else z.to(y.dtype)
 
     @torch.no_grad()
-    def _fold(self) -> None:
-        """Keep g = m / n, A'ᵀ = (R A)ᵀ, B'ᵀ = (s·g ⊙ B)ᵀ and the bias (with m only) for `_inference_forward`."""
+    def _keep(self) -> _Kept:
+        """Fold g = m / n, A' = R A and B' = s·g ⊙ B, and note what they were folded from."""
         a, b, rr, m, bias = self.lora_A, self.lora_B, self.lora_R, self.magnitude, self.bias
-        dev = a.device.type
+        base, dev = self.base_layer, a.device.type
         with torch.autocast(dev, enabled=False) if dev != "meta" else contextlib.nullcontext():  # adapter's dtype
             g = None if m is None else m / self.row_norm()
             a_eff = a if rr is None else rr @ a
             b_eff = b * self.scaling if g is None else b * (self.scaling * g)[:, None]
         dtype = a_eff.dtype  # one dtype (ZeRO casts all)
-        bias_f = None if g is None or bias is None else bias.to(dtype)
-        self._g, self._folded = g, (a_eff.T.contiguous(), b_eff.T.to(dtype).contiguous(), bias_f)
+        own, base_own = tuple(self._parameters.values()), tuple(base._parameters.values())
+        live = tuple(t for t in (*own, *base_own) if t is not None)
+        plain = self.kind is LinearKind
+        self._kept = _Kept(
+            own=own, base_params=base._parameters, base_own=base_own, live=live, version=sum(map(_VERSION, live)),
+            weight=base.weight if plain else None, base_bias=bias if plain and g is None else None,
+            a=a_eff.contiguous(), b=b_eff.to(dtype).contiguous(), g=g,
+            bias=None if g is None or bias is None else bias.to(dtype), device=dev,
+        )  # fmt: skip
+        return self._kept
 
     def train(self, mode: bool = True):
-        self._g = self._stamp = None  # training may change factors behind the version counters (e.g. through .data)
+        self._kept = None  # training may change factors behind the version counters (e.g. through .data)
         return super().train(mode)
 
     def _apply(self, fn, recurse: bool = True):
         # .to(), .double(), .cuda() convert through `.data`, which moves no version counter: without this, the
         # next eval-mode call would reuse factors folded in the old dtype or on the old device, and C its old A
-        self._g = self._stamp = None
+        self._kept = None
         self._a_version = -1
         return super()._apply(fn, recurse)
 
@@ -301,14 +328,6 @@ class AdapterLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"method={self.method.name}, r={self.r}, scaling={self.scaling:g}, exact_norm={self.exact_norm}"
-
-
-def _combine_folded(y: torch.Tensor, h: torch.Tensor, b_t: torch.Tensor, g, bias) -> torch.Tensor:
-    """(g ⊙ y + bias) + h B'ᵀ in the adapter's dtype, rounded once to y's: `_inference_forward`'s combine."""
-    z = torch.mm(h, b_t) if bias is None else torch.addmm(bias, h, b_t)  # (tokens, out)
-    z = z.add_(y.reshape(z.shape)) if g is None else z.addcmul_(y.reshape(z.shape), g)
-    z = z.view(y.shape)
-    return z if z.dtype == y.dtype else z.to(y.dtype)
 
 
 def _combine(y2: torch.Tensor, h: torch.Tensor, b: torch.Tensor, s: float, g, bias) -> torch.Tensor:

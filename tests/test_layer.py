@@ -147,7 +147,7 @@ def test_inference_path_equals_the_training_step(method, bias, dtype):
     layer.eval()
     with torch.no_grad(), amp:
         folded = layer(x)
-    assert folded.dtype == step.dtype and layer._folded is not None
+    assert folded.dtype == step.dtype and layer._kept is not None
     tol = 1e-12 if dtype == torch.float64 else 2**-7  # bf16: the same float32 sum, rounded once, up to one ulp
     torch.testing.assert_close(folded.float(), step.float(), rtol=tol, atol=tol)
 
