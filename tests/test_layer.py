@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from memtrack import LargestTensor
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 import svdadapt
 
@@ -150,6 +151,39 @@ def test_inference_path_equals_the_training_step(method, bias, dtype):
     assert folded.dtype == step.dtype and layer._kept is not None
     tol = 1e-12 if dtype == torch.float64 else 2**-7  # bf16: the same float32 sum, rounded once, up to one ulp
     torch.testing.assert_close(folded.float(), step.float(), rtol=tol, atol=tol)
+
+
+class _TorchCalls(TorchFunctionMode):
+    """The torch functions called inside the block, tensor property reads left out."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") != "__get__":
+            self.calls.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_decoding_step_is_three_ops_beyond_the_base_gemm(method, bias):
+    """In decoding each op after the base GEMM runs with cold caches (about 10 µs each at SmolLM2's
+    width, `svdadapt bench --suite generate`): a kept fold serves one token with the base F.linear,
+    two rank-r F.linear and one combine, no reshape or copy; its output is the training step's."""
+    layer, _ = wrap(method, bias=bias)
+    randomize(layer)
+    x = torch.randn(1, 1, 40, dtype=torch.float64)
+    step = layer(x).detach()
+    layer.eval()
+    with torch.no_grad():
+        layer(x)  # folds
+        with _TorchCalls() as seen:
+            out = layer(x)
+    combine = "add_" if layer.magnitude is None else "addcmul_"
+    assert seen.calls == ["linear", "linear", "linear", combine]
+    torch.testing.assert_close(out, step, rtol=1e-12, atol=1e-12)
 
 
 def test_inference_path_folds_once_and_again_after_a_change(monkeypatch):
