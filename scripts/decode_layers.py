@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from svdadapt.bench.runtime import GENERATE_PLAN, _moved, generate_model
-from svdadapt.layer import AdapterLayer
+from svdadapt.layer import AdapterLayer, FoldCheck
 
 
 class FourOps(nn.Module):
@@ -50,19 +50,27 @@ def main() -> None:
     layers = [m for m in unmerged.modules() if isinstance(m, AdapterLayer)]
     plain = [m.base_layer for m in layers]
     xs = [torch.randn(1, 1, m.in_features) for m in layers]
+    check = FoldCheck(layers)
     variants = {
         "layer": layers,
+        "in a call": layers,  # checked once a token by the model's pre-hook, as inside `model(...)`
         "four ops": [FourOps(m) for m in layers],
         "row-major": [FourOps(m, row_major=True) for m in layers],
     }
 
-    def run(mods, tokens=4):
-        for m, x in zip(mods, xs):  # a warm-up token: the timed ones find this weight set in the cache
+    def token(mods, hooked):
+        if hooked:
+            check.before(None, ())
+        for m, x in zip(mods, xs):
             m(x)
+        if hooked:
+            check.after(None, (), None)
+
+    def run(mods, tokens=4, hooked=False):
+        token(mods, hooked)  # a warm-up token: the timed ones find this weight set in the cache
         t = time.process_time()
         for _ in range(tokens):
-            for m, x in zip(mods, xs):
-                m(x)
+            token(mods, hooked)
         return (time.process_time() - t) / tokens
 
     with torch.no_grad():
@@ -72,14 +80,14 @@ def main() -> None:
         for rep in range(args.reps):
             before = run(plain)
             for name in names[rep % 2 :] + names[: rep % 2]:
-                t, after = run(variants[name]), run(plain)
+                t, after = run(variants[name], hooked=name == "in a call"), run(plain)
                 ratios[name].append(t / ((before + after) / 2))
                 before = after
-        token = run(plain, 20)
-    print(f"{len(layers)} {args.method} layers, base layers alone {token * 1e3:.2f} ms a token")
+        base = run(plain, 20)
+    print(f"{len(layers)} {args.method} layers, base layers alone {base * 1e3:.2f} ms a token")
     for name, rs in ratios.items():
         med = statistics.median(rs)
-        print(f"{name:9s} {med:.3f}x the base, +{(med - 1) * token / len(layers) * 1e6:.1f} us a layer")
+        print(f"{name:9s} {med:.3f}x the base, +{(med - 1) * base / len(layers) * 1e6:.1f} us a layer")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import operator
+import threading
 from typing import NamedTuple
 
 import torch
@@ -45,6 +46,59 @@ class _Kept(NamedTuple):
     g: torch.Tensor | None  # m / n (out,)
     bias: torch.Tensor | None  # the base bias in the adapter's dtype, added after g ⊙ y (with a magnitude)
     device: str  # the factors' device type, for the autocast check
+
+
+class _Calls(threading.local):
+    """Per thread, one token for each model call in progress (innermost last); None for a call whose
+    pre-hook checked nothing (gradients on, or compiling). See `FoldCheck`."""
+
+    def __init__(self):
+        self.tokens: list[object | None] = [None]
+
+
+_CALLS = _Calls()
+_UNCHECKED = object()  # an AdapterLayer's token while no call has checked its fold (never None)
+
+
+class FoldCheck:
+    """The forward pre-hook and hook `svdadapt.apply` puts on the model it returns.
+
+    On a call with gradients off, the pre-hook checks every adapter layer's eval-mode fold once (the
+    same check the layer makes itself) and gives each layer whose fold is current this call's token;
+    a layer holding the current token skips its own check. Checked 210 times in one loop, warm, it
+    costs far less than inside each layer after its base GEMM, cold (`scripts/decode_layers.py`).
+    The pre-hook never folds (a sharded layer's weights exist only inside its own call); a layer
+    without a current fold makes it in its call, and is checked by the pre-hook from the next call on.
+    A factor changed inside the model's own forward is seen from the next call.
+    """
+
+    def __init__(self, layers):
+        self.layers = tuple(layers)
+
+    def install(self, model: nn.Module) -> None:
+        model.register_forward_pre_hook(self.before)
+        model.register_forward_hook(self.after, always_call=True)  # on an exception too
+
+    @staticmethod
+    def remove(model: nn.Module) -> None:
+        for hooks in (model._forward_pre_hooks, model._forward_hooks):
+            for key in [k for k, h in hooks.items() if isinstance(getattr(h, "__self__", None), FoldCheck)]:
+                del hooks[key]
+
+    def before(self, module, args) -> None:
+        if torch.compiler.is_compiling():
+            return
+        token = None
+        if not torch.is_grad_enabled():
+            token = object()
+            for layer in self.layers:
+                if not layer.training and layer._kept is not None and layer._current(layer._kept):
+                    layer.__dict__["_checked"] = token  # plain instance attribute, without Module.__setattr__
+        _CALLS.tokens.append(token)
+
+    def after(self, module, args, output) -> None:
+        if not torch.compiler.is_compiling() and len(_CALLS.tokens) > 1:
+            _CALLS.tokens.pop()
 
 
 def _column_major(t: torch.Tensor) -> torch.Tensor:
@@ -105,6 +159,7 @@ class AdapterLayer(nn.Module):
         self.init_B: torch.Tensor | None = None
         self._a_version = -1  # lora_A._version when _C and _G were computed
         self._kept: _Kept | None = None  # the eval-mode fold, see `forward`
+        self._checked = _UNCHECKED  # the token of the model call that checked _kept (`FoldCheck`)
         self.base_fingerprint: str | None = None  # of W0, set by whoever initialises the layer
 
     # --- what the adapter owns (structural: model.py and io.py ask the layer) ---
@@ -152,7 +207,8 @@ class AdapterLayer(nn.Module):
     def refresh(self) -> None:
         """Recompute the cached frozen quantities (after initialising or loading factors)."""
         self._w_sq = norm.row_sq(self.kind.row_blocks(self.base_layer, self.lora_A.dtype))
-        self._C = self._G = self._kept = None
+        self._C = self._G = None
+        self._drop()
         self._c_and_g()  # caches C and G when A is frozen
 
     @torch.no_grad()
@@ -238,25 +294,38 @@ class AdapterLayer(nn.Module):
         That path is written for a decoding step, where each layer sees one token after its base GEMM
         has streamed the weights through the caches: every Python line and tensor op then runs cold
         (about 10 µs an op on a SmolLM2-shaped model), so it is three ops beyond the base GEMM, on 3-D
-        input as given, and a validity check that allocates nothing.
+        input as given. The check that the fold is current allocates nothing, and inside a call of the
+        model `svdadapt.apply` returned it is made once for all layers, by the model's pre-hook
+        (`FoldCheck`); a layer called on its own checks its fold itself.
         """
-        if self.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return self._step_forward(x)
-        k = self._kept
-        if (
-            k is None
-            or len(self._parameters) != len(k.own)
-            or not all(map(operator.is_, self._parameters.values(), k.own))
-            or not all(map(operator.is_, k.base_params.values(), k.base_own))
-            or sum(map(_VERSION, k.live)) != k.version
-        ):
-            k = self._keep()
+        if not torch.compiler.is_compiling() and self._checked is _CALLS.tokens[-1] and not torch.is_grad_enabled():
+            k = self._kept  # checked by this model call's pre-hook (`FoldCheck`)
+        else:
+            if self.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
+                return self._step_forward(x)
+            k = self._kept
+            if k is None or not self._current(k):
+                k = self._keep()
         *_, w, base_bias, a, b, g, bias, dev = k  # one unpacking: cheaper cold than an attribute read each
         if x.dtype is not a.dtype or torch.is_autocast_enabled(dev):
             return self._mixed_inference_forward(x, k)
         y = F.linear(x, w, base_bias) if w is not None else self.kind.forward(self.base_layer, x, g is None)
         z = F.linear(F.linear(x, a), b, bias)  # (..., out): (x A'ᵀ) B'ᵀ + bias
         return z.add_(y) if g is None else z.addcmul_(y, g)
+
+    def _current(self, k: _Kept) -> bool:
+        """Whether fold `k` was made from the parameters the layer and its base hold now, unchanged."""
+        return (
+            len(self._parameters) == len(k.own)
+            and all(map(operator.is_, self._parameters.values(), k.own))
+            and all(map(operator.is_, k.base_params.values(), k.base_own))
+            and sum(map(_VERSION, k.live)) == k.version
+        )
+
+    def _drop(self) -> None:
+        """Forget the eval-mode fold: the next eval-mode call makes it again."""
+        self._kept = None
+        self._checked = _UNCHECKED
 
     def _step_forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
@@ -309,13 +378,13 @@ class AdapterLayer(nn.Module):
         return self._kept
 
     def train(self, mode: bool = True):
-        self._kept = None  # training may change factors behind the version counters (e.g. through .data)
+        self._drop()  # training may change factors behind the version counters (e.g. through .data)
         return super().train(mode)
 
     def _apply(self, fn, recurse: bool = True):
         # .to(), .double(), .cuda() convert through `.data`, which moves no version counter: without this, the
         # next eval-mode call would reuse factors folded in the old dtype or on the old device, and C its old A
-        self._kept = None
+        self._drop()
         self._a_version = -1
         return super()._apply(fn, recurse)
 

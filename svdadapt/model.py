@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from svdadapt.config import AdapterConfig
 from svdadapt.kinds import base_kind, is_supported
-from svdadapt.layer import AdapterLayer
+from svdadapt.layer import AdapterLayer, FoldCheck
 from svdadapt.methods import Factors, InitContext, get_method
 from svdadapt.svd import fingerprint
 
@@ -258,6 +258,7 @@ def apply(model: nn.Module, config: AdapterConfig, *, progress: bool | None = No
         for p in module.parameters():
             p.requires_grad_(True)
     setattr(model, CONFIG_ATTR, config)
+    FoldCheck([m for _, m in adapter_layers(model)]).install(model)
     clear_gguf_quantizer(model)
     return model
 
@@ -383,5 +384,6 @@ def merge(model: nn.Module) -> nn.Module:
     for name, layer in adapter_layers(model):
         with gathered(layer, modify=False):
             replace_module(model, name, layer.merged_module())
+    FoldCheck.remove(model)
     delattr(model, CONFIG_ATTR)
     return model

@@ -9,7 +9,7 @@ from torch import nn
 
 import svdadapt
 from svdadapt import svd as S
-from svdadapt.layer import AdapterLayer
+from svdadapt.layer import _UNCHECKED, AdapterLayer
 from svdadapt.methods import get_method
 
 METHODS = ["lora", "dora", "pissa", "dude", "loraxs", "edora"]
@@ -78,6 +78,103 @@ def test_generation_with_kv_cache_equals_merged_greedy(method):
     adapted = model.generate(prompt, **kwargs)
     merged = svdadapt.merge(copy.deepcopy(model)).generate(prompt, **kwargs)
     assert adapted.shape[1] == 17 and adapted.equal(merged)
+
+
+def _layer_calls(model, x):
+    """Per adapter layer, whether its call inside `model(x)` (no grad) skipped its own fold check."""
+    seen = []
+    real = AdapterLayer._current
+
+    def counting(self, k):
+        seen.append(self)
+        return real(self, k)
+
+    AdapterLayer._current = counting
+    try:
+        with torch.no_grad():
+            out = output(model, x)
+    finally:
+        AdapterLayer._current = real
+    return out, seen
+
+
+def test_a_model_call_checks_every_fold_once_and_sees_changes_between_calls():
+    """The pre-hook `apply` installs checks all folds once a call; a change between calls (in place,
+    or a parameter replaced) is seen on the next, and each output equals a fresh training-mode one."""
+    model, kw = build("llama")
+    svdadapt.apply(model, svdadapt.AdapterConfig(method="dude", r=4, **kw))
+    train_steps(model, ids())
+    layers = [m for m in model.modules() if isinstance(m, AdapterLayer)]
+    x = ids()
+
+    def fresh():
+        model.train()
+        with torch.no_grad():
+            y = output(model, x)
+        model.eval()
+        return y
+
+    _, seen = _layer_calls(model, x)  # the first call folds (each layer in its own call)
+    out, seen = _layer_calls(model, x)
+    assert len(seen) == len(layers) and set(map(id, seen)) == set(map(id, layers))  # once each
+    tokens = {id(m._checked) for m in layers}
+    assert len(tokens) == 1 and layers[0]._checked is not _UNCHECKED  # by the pre-hook, with one token
+    torch.testing.assert_close(out, fresh(), rtol=1e-5, atol=1e-6)
+    _layer_calls(model, x)  # fold again after the train-mode call
+    with torch.no_grad():
+        layers[3].lora_B.mul_(3.0)  # in place, between calls
+    changed, _ = _layer_calls(model, x)
+    assert not torch.allclose(changed, out)
+    torch.testing.assert_close(changed, fresh(), rtol=1e-5, atol=1e-6)
+    _layer_calls(model, x)
+    layers[5].magnitude = nn.Parameter(layers[5].magnitude.detach() * 0.5)  # replaced
+    replaced, _ = _layer_calls(model, x)
+    assert not torch.allclose(replaced, changed)
+    torch.testing.assert_close(replaced, fresh(), rtol=1e-5, atol=1e-6)
+
+
+def test_a_layer_called_alone_after_a_model_call_checks_its_own_fold():
+    model, kw = build("llama")
+    svdadapt.apply(model, svdadapt.AdapterConfig(method="edora", r=4, **kw))
+    train_steps(model, ids())
+    layer = next(m for m in model.modules() if isinstance(m, AdapterLayer))
+    with torch.no_grad():
+        output(model, ids())
+        output(model, ids())  # layer now holds a token from a finished call
+        layer.lora_R.add_(0.5)
+        x = torch.randn(2, layer.in_features)
+        alone = layer(x)
+    layer.train()
+    torch.testing.assert_close(alone, layer(x).detach(), rtol=1e-6, atol=1e-6)
+
+
+def test_gradients_on_in_eval_mode_still_reach_the_factors():
+    model, kw = build("llama")
+    svdadapt.apply(model, svdadapt.AdapterConfig(method="dude", r=4, **kw))
+    model.eval()
+    with torch.no_grad():
+        output(model, ids())
+        output(model, ids())
+    output(model, ids()).pow(2).mean().backward()
+    layers = [m for m in model.modules() if isinstance(m, AdapterLayer)]
+    assert all(m.lora_A.grad is not None and m.lora_A.grad.abs().sum() > 0 for m in layers)
+
+
+def test_merge_and_deepcopy_carry_the_fold_check_as_they_should():
+    from svdadapt.layer import FoldCheck
+
+    def checks(m):
+        hooks = [*m._forward_pre_hooks.values(), *m._forward_hooks.values()]
+        return [h.__self__ for h in hooks if isinstance(getattr(h, "__self__", None), FoldCheck)]
+
+    model, kw = build("llama")
+    svdadapt.apply(model, svdadapt.AdapterConfig(method="dora", r=4, **kw))
+    twin = copy.deepcopy(model)
+    (check,) = set(checks(twin))
+    ours = {id(m) for m in twin.modules() if isinstance(m, AdapterLayer)}
+    assert {id(m) for m in check.layers} == ours  # the copy checks its own layers, not the original's
+    svdadapt.merge(model)
+    assert checks(model) == []
 
 
 @pytest.mark.parametrize("method", METHODS)
