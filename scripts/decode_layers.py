@@ -5,9 +5,8 @@ just before the adapter's ops run, which is where unmerged generation loses time
 the base layers alone timed next to each (the same weights, so the same cache traffic: merged copies
 would be other memory, and which of two 400 MB weight sets the cache holds moves a ratio by 10%;
 median ratio over repetitions, CPU time, one thread, a warm-up token before each timing), the layers as
-they are, a bare module running only the same four ops (base F.linear, two rank-r F.linear, addcmul_):
-the floor of a layer with a magnitude at this width, and the same ops with the rank-r factors stored
-row-major, as `F.linear` weights usually are.
+they are, and a bare module running only the same four ops (base F.linear, two rank-r GEMMs, addcmul_;
+the floor of a layer with a magnitude at this width) in three forms (`FourOps`).
 
     python scripts/decode_layers.py [--method dude] [--reps 24]
 """
@@ -27,17 +26,26 @@ from svdadapt.layer import AdapterLayer, FoldCheck
 
 
 class FourOps(nn.Module):
-    """A layer's kept fold, run with nothing but its four ops."""
+    """A layer's kept fold, run with nothing but its four ops: base F.linear, two rank-r GEMMs, addcmul_.
 
-    def __init__(self, layer: AdapterLayer, row_major: bool = False):
+    form "linear": F.linear on the kept A' and B' (column-major), as the layer runs them; "mm": torch.mm
+    on their transposes (row-major), the same GEMMs, on the input reshaped to 2-D and the result viewed
+    back; "row-major": F.linear on row-major copies of A' and B', as `F.linear` weights usually are."""
+
+    def __init__(self, layer: AdapterLayer, form: str):
         super().__init__()
         k = layer._keep()
-        a, b = (k.a.contiguous(), k.b.contiguous()) if row_major else (k.a, k.b)
-        self.ops = (layer.base_layer.weight.detach(), a, b, k.g)
+        _, _, a, b, g, _ = k.ops
+        a, b = (a.contiguous(), b.contiguous()) if form == "row-major" else (a, b)
+        self.ops = (layer.base_layer.weight.detach(), a, b, a.T, b.T, g)
+        self.mm = form == "mm"
 
     def forward(self, x):
-        w, a, b, g = self.ops
-        return F.linear(F.linear(x, a), b).addcmul_(F.linear(x, w), g)
+        w, a, b, at, bt, g = self.ops
+        y = F.linear(x, w)
+        if self.mm:
+            return torch.mm(torch.mm(x.reshape(-1, x.shape[-1]), at), bt).view(y.shape).addcmul_(y, g)
+        return F.linear(F.linear(x, a), b).addcmul_(y, g)
 
 
 def main() -> None:
@@ -54,8 +62,9 @@ def main() -> None:
     variants = {
         "layer": layers,
         "in a call": layers,  # checked once a token by the model's pre-hook, as inside `model(...)`
-        "four ops": [FourOps(m) for m in layers],
-        "row-major": [FourOps(m, row_major=True) for m in layers],
+        "four ops": [FourOps(m, "linear") for m in layers],
+        "mm ops": [FourOps(m, "mm") for m in layers],
+        "row-major": [FourOps(m, "row-major") for m in layers],
     }
 
     def token(mods, hooked):
@@ -87,7 +96,7 @@ def main() -> None:
     print(f"{len(layers)} {args.method} layers, base layers alone {base * 1e3:.2f} ms a token")
     for name, rs in ratios.items():
         med = statistics.median(rs)
-        print(f"{name:9s} {med:.3f}x the base, +{(med - 1) * base / len(layers) * 1e6:.1f} us a layer")
+        print(f"{name:10s} {med:.3f}x the base, +{(med - 1) * base / len(layers) * 1e6:.1f} us a layer")
 
 
 if __name__ == "__main__":

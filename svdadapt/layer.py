@@ -39,12 +39,13 @@ class _Kept(NamedTuple):
     base_own: tuple
     live: tuple  # the tensors among them, and the sum of their version counters then
     version: int
-    weight: torch.Tensor | None  # W of a plain nn.Linear base, for F.linear on it (else the kind's forward)
-    base_bias: torch.Tensor | None  # its bias, added in the base GEMM when there is no magnitude
-    a: torch.Tensor  # A' = R A (r, in), stored column-major: A'ᵀ is contiguous (`_column_major`)
-    b: torch.Tensor  # B' = s·g ⊙ B (out, r), likewise
-    g: torch.Tensor | None  # m / n (out,)
-    bias: torch.Tensor | None  # the base bias in the adapter's dtype, added after g ⊙ y (with a magnitude)
+    ops: tuple  # (w, base_bias, a, b, g, bias): what the eval-mode forward computes with, unpacked at once
+    # w: W of a plain nn.Linear base, for F.linear on it (else None: the kind's forward runs the base)
+    # base_bias: its bias, added in the base GEMM when there is no magnitude
+    # a: A' = R A (r, in), stored column-major: A'ᵀ is contiguous, so F.linear(x, a) is a plain GEMM
+    # b: B' = s·g ⊙ B (out, r), likewise
+    # g: m / n (out,), or None without a magnitude
+    # bias: the base bias in the adapter's dtype, added after g ⊙ y (with a magnitude)
     device: str  # the factors' device type, for the autocast check
 
 
@@ -99,13 +100,6 @@ class FoldCheck:
     def after(self, module, args, output) -> None:
         if not torch.compiler.is_compiling() and len(_CALLS.tokens) > 1:
             _CALLS.tokens.pop()
-
-
-def _column_major(t: torch.Tensor) -> torch.Tensor:
-    """t (rows, cols) with its transpose contiguous in memory. F.linear(x, t) computes x tᵀ: with tᵀ
-    contiguous that is a plain GEMM of x and a row-major matrix, which for one token at rank r runs
-    about 10 µs faster a call cold than the transposed-operand form (`scripts/decode_layers.py`)."""
-    return t.T.contiguous().T
 
 
 # --- the layer -----------------------------------------------------------------------------
@@ -294,9 +288,10 @@ class AdapterLayer(nn.Module):
         That path is written for a decoding step, where each layer sees one token after its base GEMM
         has streamed the weights through the caches: every Python line and tensor op then runs cold
         (about 10 µs an op on a SmolLM2-shaped model), so it is three ops beyond the base GEMM, on 3-D
-        input as given. The check that the fold is current allocates nothing, and inside a call of the
-        model `svdadapt.apply` returned it is made once for all layers, by the model's pre-hook
-        (`FoldCheck`); a layer called on its own checks its fold itself.
+        input as given, from one unpacked tuple; for a plain nn.Linear base the output dtype of its GEMM
+        tells whether autocast recast it, so torch is not asked. The check that the fold is current
+        allocates nothing, and inside a call of the model `svdadapt.apply` returned it is made once for
+        all layers, by the model's pre-hook (`FoldCheck`); a layer called on its own checks its fold itself.
         """
         if not torch.compiler.is_compiling() and self._checked is _CALLS.tokens[-1] and not torch.is_grad_enabled():
             k = self._kept  # checked by this model call's pre-hook (`FoldCheck`)
@@ -306,11 +301,16 @@ class AdapterLayer(nn.Module):
             k = self._kept
             if k is None or not self._current(k):
                 k = self._keep()
-        *_, w, base_bias, a, b, g, bias, dev = k  # one unpacking: cheaper cold than an attribute read each
-        if x.dtype is not a.dtype or torch.is_autocast_enabled(dev):
+        w, base_bias, a, b, g, bias = k.ops
+        if w is not None:  # a plain nn.Linear: y's dtype says whether autocast recast it (no autocast query)
+            y = F.linear(x, w, base_bias)
+            if y.dtype is not a.dtype or x.dtype is not a.dtype:
+                return self._mixed_inference_forward(x, k, y)
+        elif x.dtype is not a.dtype or torch.is_autocast_enabled(k.device):
             return self._mixed_inference_forward(x, k)
-        y = F.linear(x, w, base_bias) if w is not None else self.kind.forward(self.base_layer, x, g is None)
-        z = F.linear(F.linear(x, a), b, bias)  # (..., out): (x A'ᵀ) B'ᵀ + bias
+        else:
+            y = self.kind.forward(self.base_layer, x, g is None)
+        z = F.linear(F.linear(x, a), b, bias)  # (..., out): (x A'ᵀ) B'ᵀ + bias, on 3-D input as given
         return z.add_(y) if g is None else z.addcmul_(y, g)
 
     def _current(self, k: _Kept) -> bool:
@@ -342,17 +342,20 @@ class AdapterLayer(nn.Module):
         with torch.autocast(dev, enabled=False):  # the step casts explicitly: autocast must not recast its parts
             return _AdapterStep.apply(*args)
 
-    def _mixed_inference_forward(self, x: torch.Tensor, k: _Kept) -> torch.Tensor:
+    def _mixed_inference_forward(self, x: torch.Tensor, k: _Kept, y: torch.Tensor | None = None) -> torch.Tensor:
         """The eval-mode path for x in another dtype than the adapter's, or under autocast: the base runs
-        as it does alone (autocast's dtype under autocast), the factors at their own precision."""
+        as it does alone (autocast's dtype under autocast; `y` when the caller ran it), the factors at
+        their own precision."""
         base, dev = self.base_layer, k.device
+        _, _, a, b, g, bias = k.ops
         amp = dev != "meta" and torch.is_autocast_enabled(dev)
         with torch.autocast(dev, enabled=False) if amp else contextlib.nullcontext():
-            h = norm.times_at(x.reshape(-1, x.shape[-1]), k.a)  # (tokens, r), A at its own precision
-        y = self.kind.forward(base, x, bias=k.g is None)
+            h = norm.times_at(x.reshape(-1, x.shape[-1]), a)  # (tokens, r), A at its own precision
+        if y is None:
+            y = self.kind.forward(base, x, bias=g is None)
         with torch.autocast(dev, enabled=False) if amp else contextlib.nullcontext():
-            z = torch.mm(h, k.b.T) if k.bias is None else torch.addmm(k.bias, h, k.b.T)  # (tokens, out)
-            z = z.add_(y.reshape(z.shape)) if k.g is None else z.addcmul_(y.reshape(z.shape), k.g)
+            z = torch.mm(h, b.T) if bias is None else torch.addmm(bias, h, b.T)  # (tokens, out)
+            z = z.add_(y.reshape(z.shape)) if g is None else z.addcmul_(y.reshape(z.shape), g)
             z = z.view(y.shape)
             return z if z.dtype == y.dtype else z.to(y.dtype)
 
@@ -369,11 +372,12 @@ class AdapterLayer(nn.Module):
         own, base_own = tuple(self._parameters.values()), tuple(base._parameters.values())
         live = tuple(t for t in (*own, *base_own) if t is not None)
         plain = self.kind is LinearKind
+        a_col, b_col = (t.T.contiguous().T for t in (a_eff, b_eff.to(dtype)))  # column-major (`_Kept.ops`)
         self._kept = _Kept(
             own=own, base_params=base._parameters, base_own=base_own, live=live, version=sum(map(_VERSION, live)),
-            weight=base.weight if plain else None, base_bias=bias if plain and g is None else None,
-            a=_column_major(a_eff), b=_column_major(b_eff.to(dtype)), g=g,
-            bias=None if g is None or bias is None else bias.to(dtype), device=dev,
+            ops=(base.weight if plain else None, bias if plain and g is None else None, a_col, b_col, g,
+                 None if g is None or bias is None else bias.to(dtype)),
+            device=dev,
         )  # fmt: skip
         return self._kept
 

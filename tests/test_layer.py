@@ -1,5 +1,6 @@
 """The layer's invariants: output at init, the closed-form norm, the forward, peft parity, memory, errors."""
 
+import copy
 import json
 import subprocess
 import sys
@@ -151,6 +152,33 @@ def test_inference_path_equals_the_training_step(method, bias, dtype):
     assert folded.dtype == step.dtype and layer._kept is not None
     tol = 1e-12 if dtype == torch.float64 else 2**-7  # bf16: the same float32 sum, rounded once, up to one ulp
     torch.testing.assert_close(folded.float(), step.float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("amp", [None, torch.bfloat16, torch.float16])
+def test_inference_path_with_every_tensor_in_bf16(method, amp):
+    """A layer cast whole to bf16 (as ZeRO does), under autocast to its own dtype (nothing to recast:
+    the decoding path runs), to another, or none: the folded output and the training step's are each
+    within two bf16 ulps of the output's scale of the float64 forward, in the step's dtype."""
+    layer, _ = wrap(method, bias=True, dtype=torch.bfloat16)
+    randomize(layer)
+    layer.to(torch.bfloat16)
+    exact = copy.deepcopy(layer).double()
+    x = torch.randn(2, 5, 40, dtype=torch.bfloat16)
+    ref = exact(x.double()).detach()
+
+    def autocast():
+        return torch.autocast("cpu", dtype=amp or torch.bfloat16, enabled=amp is not None)
+
+    with autocast():
+        step = layer(x).detach()
+    layer.eval()
+    with torch.no_grad(), autocast():
+        folded = layer(x)
+    assert folded.dtype == step.dtype == (amp or torch.bfloat16)
+    scale = ref.abs().max().item()
+    for out in (step, folded):
+        assert (out.double() - ref).abs().max().item() <= 2**-7 * scale
 
 
 class _TorchCalls(TorchFunctionMode):
