@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from svdadapt.bench.common import PeakTensorBytes
+from svdadapt.bench.common import PeakTensorBytes, peft_model
 from svdadapt.model import adapter_layers, apply
 from svdadapt.recipe import Recipe, load_recipe
 from svdadapt.svd import solver_for
@@ -156,7 +156,7 @@ def adapter_footprint(recipe: Recipe, config_path: str | None = None, batch: int
     a = recipe.adapter
     lora = peft.LoraConfig(r=a.r, lora_alpha=16, target_modules=list(a.target_modules), lora_dropout=0.0)
     with torch.device("meta"):
-        theirs = peft.get_peft_model(meta_base(recipe, config_path), lora)
+        theirs = peft_model(meta_base(recipe, config_path), lora)
     rows = []
     for label, model in ((f"svdadapt {a.method} r={a.r}", meta_model(recipe, config_path)), (f"peft LoRA r={a.r}", theirs)):
         trained = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -167,7 +167,7 @@ def render(result: dict) -> str:
     if result.get("generate"):
         parts.append("\n### generate: greedy generation, SmolLM2-135M-shaped Llama, adapter applied (eval mode) against merged\n")
         cols = [("config", "config", ""), ("layers", "layers", ""), ("new_tokens", "new tokens", ""), ("merged_ms", "merged ms", ".0f"),
-                ("unmerged_ms", "unmerged ms", ".0f"), ("ratio", "unmerged / merged", ".3f"),
+                ("unmerged_ms", "unmerged ms", ".0f"), ("ratio", "unmerged / merged", ".3f"), ("ratio_iqr", "quartiles", ""),
                 ("first_ms", "first call ms", ".0f"), ("first_ratio", "first call / merged", ".3f"),
                 ("merge_ms", "merge ms", ".0f"), ("first_vs_merge", "first call / (merge + merged)", ".3f")]  # fmt: skip
         parts.append(table(result["generate"], cols))

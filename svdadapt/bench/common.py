@@ -22,6 +22,7 @@ import platform
 import statistics
 import subprocess
 import time
+import warnings
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -133,6 +134,16 @@ def probe(steps: dict[str, Callable[[], object]], reference: str) -> tuple[dict[
             continue
         ran[name] = step
     return ran, failed
+
+
+def peft_model(model: torch.nn.Module, config) -> torch.nn.Module:
+    """`peft.get_peft_model(model, config)`, without the FutureWarning transformers >= 5 raises when peft
+    reads `model.is_gradient_checkpointing` (peft's own call, renamed `is_activation_checkpointing`)."""
+    import peft
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return peft.get_peft_model(model, config)
 
 
 def machine() -> dict:

@@ -19,7 +19,7 @@ import copy
 import torch
 from torch import nn
 
-from svdadapt.bench.common import PRECISIONS, MiB, Precision, interleaved_ratios, peak_bytes, probe, synchronized
+from svdadapt.bench.common import PRECISIONS, MiB, Precision, interleaved_ratios, peak_bytes, peft_model, probe, synchronized
 from svdadapt.bench.layer import METHODS
 
 FULL = {
@@ -70,10 +70,10 @@ def adapted(model: nn.Module, name: str, r: int) -> nn.Module:
     """A copy of `model` with svdadapt method `name`, or "peft_lora"/"peft_dora", on every linear."""
     model = copy.deepcopy(model)
     if name.startswith("peft_"):
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig
 
         cfg = LoraConfig(r=r, lora_alpha=16, target_modules="all-linear", use_dora=name == "peft_dora", lora_dropout=0.0)
-        return get_peft_model(model, cfg)
+        return peft_model(model, cfg)
     import svdadapt
 
     svdadapt.apply(model, svdadapt.AdapterConfig(method=name, r=r, svd_solver="randomized", svd_cache_dir=""))

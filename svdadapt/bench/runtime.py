@@ -13,6 +13,7 @@ against merged, each a ratio to its reference measured in the same process (`svd
 from __future__ import annotations
 
 import copy
+import statistics
 import time
 
 import torch
@@ -115,7 +116,7 @@ def generate_suite(quick: bool, log=print, clock: str = "wall", device: str = "c
     model = generate_model(plan, device)
     prompt = torch.randint(0, plan["vocab"], (1, 16), generator=torch.Generator().manual_seed(2)).to(device)
     new_tokens = 16 if quick else 32
-    reps = 3 if quick else 5
+    reps = 3 if quick else 9  # the median of 9 interleaved ratios: one slow phase of a shared host moves it little
 
     def generator(m):
         return synchronized(
@@ -137,11 +138,18 @@ def generate_suite(quick: bool, log=print, clock: str = "wall", device: str = "c
         merge_ms = _merge_ms(unmerged, name, clock, device)
         row = {"config": name, "new_tokens": new_tokens, "layers": plan["layers"], "merged_ms": timing["merged"]["ms"],
                "unmerged_ms": timing["unmerged"]["ms"], "ratio": timing["unmerged"]["ratio"],
+               "ratio_iqr": _quartiles(timing["unmerged"]["ratios"]), "reps": reps,
                "first_ms": timing["first"]["ms"], "first_ratio": timing["first"]["ratio"], "merge_ms": merge_ms,
                "first_vs_merge": timing["first"]["ms"] / (merge_ms + timing["merged"]["ms"])}  # fmt: skip
         rows.append(row)
         log(
-            f"generate {name}: unmerged / merged = {row['ratio']:.3f}, first call {row['first_ratio']:.3f} "
+            f"generate {name}: unmerged / merged = {row['ratio']:.3f} (quartiles {row['ratio_iqr']}), first call {row['first_ratio']:.3f} "
             f"({row['first_vs_merge']:.3f} of merging, {merge_ms:.0f} ms, and then generating)"
         )
     return rows
+
+
+def _quartiles(values: list[float]) -> str:
+    """The middle half of the per-repetition ratios, as "q1-q3"."""
+    q1, _, q3 = statistics.quantiles(values, n=4) if len(values) > 1 else (values[0],) * 3
+    return f"{q1:.3f}-{q3:.3f}"
