@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import operator
 import threading
+import weakref
 from typing import NamedTuple
 
 import torch
@@ -152,6 +153,7 @@ class AdapterLayer(nn.Module):
         self.init_A: torch.Tensor | None = None
         self.init_B: torch.Tensor | None = None
         self._a_version = -1  # lora_A._version when _C and _G were computed
+        self._w_seen: tuple | None = None  # (weakref to the base weight, its _version) when _w_sq was computed
         self._kept: _Kept | None = None  # the eval-mode fold, see `forward`
         self._checked = _UNCHECKED  # the token of the model call that checked _kept (`FoldCheck`)
         self.base_fingerprint: str | None = None  # of W0, set by whoever initialises the layer
@@ -199,8 +201,11 @@ class AdapterLayer(nn.Module):
 
     @torch.no_grad()
     def refresh(self) -> None:
-        """Recompute the cached frozen quantities (after initialising or loading factors)."""
+        """Recompute the cached frozen quantities (after initialising or loading factors; after a change of the
+        base weight the layer calls it itself, see `_follow_base`)."""
         self._w_sq = norm.row_sq(self.kind.row_blocks(self.base_layer, self.lora_A.dtype))
+        w = getattr(self.base_layer, "weight", None)
+        self._w_seen = None if w is None else (weakref.ref(w), w._version)
         self._C = self._G = None
         self._drop()
         self._c_and_g()  # caches C and G when A is frozen
@@ -258,10 +263,23 @@ class AdapterLayer(nn.Module):
     def _norm_parts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """n (out,) and what its gradient needs: C = W Aᵀ, P = B R, P G (each (out, r)); differentiable
         in the factors that require grad when called with autograd on (the layer's step calls it without)."""
+        if not torch.compiler.is_compiling():  # a compiled graph cannot read version counters: call refresh()
+            self._follow_base()
         c, g = self._c_and_g()
         p = self.direction()
         pg = p @ g
         return norm.closed_form_norm(self._w_sq, c, p, pg, self.scaling), c, p, pg
+
+    def _follow_base(self) -> None:
+        """Recompute ‖W‖² and C (`refresh`) when the base weight was replaced or changed in place since they
+        were computed, so n is W's: a new base loaded in place (`load_state_dict`) gives its own norms. Only
+        for a whole, local W; a ZeRO-3 partition, an FSDP shard or a packed quantized W keeps the caches."""
+        w, seen = getattr(self.base_layer, "weight", None), self._w_seen
+        if w is None or (seen is not None and seen[0]() is w and seen[1] == w._version):
+            return
+        whole = w.numel() == self.in_features * self.out_features and not w.is_meta
+        if whole and getattr(w, "full_tensor", None) is None:  # not a DTensor
+            self.refresh()
 
     def row_norm(self) -> torch.Tensor:
         """n = ‖W + s·B R A‖_row (out,) in the adapter's dtype, in closed form; no (out, in) tensor."""
@@ -282,8 +300,9 @@ class AdapterLayer(nn.Module):
         in the adapter's dtype and rounded once to y's, as in training; generation pays for the norm
         once, not per token. The fold is made again when a factor, the base weight or the bias is changed
         in place (version counters: each only grows, so their sum moves with any of them) or replaced
-        by another tensor, on `refresh()`, on every return to train mode, and after `.to()`. Assigning
-        `.data` moves no counter: call `refresh()` after it.
+        by another tensor, on `refresh()`, on every return to train mode, and after `.to()` (a changed base
+        weight also has ‖W‖² and C recomputed, `_follow_base`). Assigning `.data` moves no counter: call
+        `refresh()` after it.
 
         That path is written for a decoding step, where each layer sees one token after its base GEMM
         has streamed the weights through the caches: every Python line and tensor op then runs cold
@@ -318,6 +337,7 @@ class AdapterLayer(nn.Module):
         return (
             len(self._parameters) == len(k.own)
             and all(map(operator.is_, self._parameters.values(), k.own))
+            and len(k.base_params) == len(k.base_own)
             and all(map(operator.is_, k.base_params.values(), k.base_own))
             and sum(map(_VERSION, k.live)) == k.version
         )

@@ -257,6 +257,34 @@ def test_inference_path_sees_the_base_bias_and_refresh(method):
 
 
 @pytest.mark.parametrize("method", METHODS)
+def test_a_base_weight_changed_in_place_or_replaced_gives_its_own_norms(method):
+    """‖W‖² and C = W Aᵀ are cached; a base weight loaded in place (as `load_state_dict` does) or replaced
+    by another tensor is followed, in a training step and in the eval-mode fold, without `refresh()`."""
+    layer, _ = wrap(method, bias=True)
+    randomize(layer)
+    x = torch.randn(5, 40, dtype=torch.float64)
+    base = layer.base_layer
+
+    def expected():
+        v, g = materialised(layer)
+        y = x @ v.T
+        return (y if g is None else y * g) + base.bias
+
+    layer.eval()
+    with torch.no_grad():
+        layer(x)  # folds
+        base.weight.mul_(1.5)
+        torch.testing.assert_close(layer(x), expected(), rtol=1e-12, atol=1e-12)
+    layer.train()
+    base.weight = nn.Parameter(base.weight.detach() * 0.7, requires_grad=False)
+    torch.testing.assert_close(layer(x), expected(), rtol=1e-12, atol=1e-12)
+    layer.eval()
+    with torch.no_grad():
+        base.weight.add_(0.01)
+        torch.testing.assert_close(layer(x), expected(), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", METHODS)
 def test_a_dtype_move_after_an_eval_call_folds_again(method):
     """`.double()` / `.float()` convert through `.data` (no version counter moves): the next eval-mode
     call must fold from the converted tensors, not reuse the old dtype's factors, or C from the old A."""
