@@ -405,6 +405,9 @@ class AdapterLayer(nn.Module):
         self._drop()  # training may change factors behind the version counters (e.g. through .data)
         return super().train(mode)
 
+    def __getstate__(self):  # pickle, deepcopy: a weakref does not copy; the copy checks its base weight once
+        return {**super().__getstate__(), "_w_seen": None}
+
     def _apply(self, fn, recurse: bool = True):
         # .to(), .double(), .cuda() convert through `.data`, which moves no version counter: without this, the
         # next eval-mode call would reuse factors folded in the old dtype or on the old device, and C its old A

@@ -284,6 +284,24 @@ def test_a_base_weight_changed_in_place_or_replaced_gives_its_own_norms(method):
         torch.testing.assert_close(layer(x), expected(), rtol=1e-12, atol=1e-12)
 
 
+def test_a_whole_adapted_module_pickles_and_its_copy_follows_its_own_base(tmp_path):
+    """`torch.save` of the module itself (not a state dict) and deepcopy work; each copy tracks its own W."""
+    layer, _ = wrap("dude", bias=True)
+    randomize(layer)
+    x = torch.randn(5, 40, dtype=torch.float64)
+    want = layer(x).detach()
+    torch.save(layer, tmp_path / "layer.pt")
+    loaded = torch.load(tmp_path / "layer.pt", weights_only=False)
+    twin = copy.deepcopy(layer)
+    for other in (loaded, twin):
+        torch.testing.assert_close(other(x), want, rtol=0, atol=0)
+    with torch.no_grad():
+        twin.base_layer.weight.mul_(2.0)
+    v, g = materialised(twin)
+    torch.testing.assert_close(twin(x), x @ v.T * g + twin.base_layer.bias, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(layer(x), want, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_a_dtype_move_after_an_eval_call_folds_again(method):
     """`.double()` / `.float()` convert through `.data` (no version counter moves): the next eval-mode
